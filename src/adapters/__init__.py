@@ -1,0 +1,1 @@
+"""Adapters: Bone (row/col, ablations), LoRA and PiSSA; injection, adapter files and merging."""

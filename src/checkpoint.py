@@ -1,0 +1,103 @@
+"""Checkpoint tensor I/O: safe loading of `.pth` / `.safetensors` state dicts, atomic saving, and
+recognising what a state dict is when it is not what we expected (RWKV-4/5/7, a Lightning or DeepSpeed
+wrapper, not RWKV at all).
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+from src.atomic import atomic_path
+from src.errors import CheckpointError
+
+TENSOR_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file. Check the path (a .pth or .safetensors file).")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file. Pass the .pth or .safetensors file inside it.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely. Re-download or re-save it.")
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a flat {name: tensor} dict from `.pth`/`.pt` (weights_only) or `.safetensors`, on CPU.
+
+    Raises CheckpointError for a missing, empty, truncated or corrupt file, for a pickle that tries to
+    build anything but tensors (which would run code), and for a file that is not a flat tensor dict.
+    """
+    path = Path(path)
+    _check_readable(path)
+    if path.suffix == ".safetensors":
+        try:
+            return st_load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: re-download or re-save it."
+            ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load. The file contains Python objects other than tensors, and loading them could "
+            f"run code ({str(e).splitlines()[0]}). Only load checkpoints you trust; convert it to a plain "
+            f"state dict or .safetensors with a trusted tool."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint ({str(e).splitlines()[0]}). It is probably truncated or corrupt: "
+            f"re-download or re-save it."
+        ) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        raise CheckpointError(
+            f"{path} is a training checkpoint (it wraps a 'state_dict'), not a model file. Export the model weights "
+            f"first (for our runs: the adapter .safetensors in proj_dir, or merge_bone.py)."
+        )
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}. This is not a model checkpoint.")
+    return obj
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat tensor dict atomically; `.safetensors` (with optional string metadata) or `.pth`."""
+    path = Path(path)
+    if path.suffix not in TENSOR_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint extension; use one of {', '.join(TENSOR_SUFFIXES)}.")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            st_save_file(tensors, str(tmp), metadata=metadata)
+        else:
+            if metadata:
+                raise CheckpointError(f"{path}: metadata can only be stored in .safetensors files.")
+            torch.save(tensors, tmp)
+
+
+def describe_state_dict(keys: list[str] | set[str]) -> str:
+    """A one-line guess of what a state dict is, for error messages."""
+    keys = set(keys)
+    if not keys:
+        return "it is empty"
+    for wrapper in ("model.", "_forward_module.", "module."):
+        if all(k.startswith(wrapper) for k in keys):
+            return (f"every key starts with '{wrapper}': it is a wrapped (Lightning/DeepSpeed/DDP) state dict; "
+                    f"strip the prefix or export the plain model")
+    if not any(k.startswith("blocks.") for k in keys) or "emb.weight" not in keys:
+        return "this is not an RWKV checkpoint (no 'emb.weight' / 'blocks.*' keys)"
+    if any(k.endswith((".att.w0", ".att.a0", ".att.k_k", ".att.x_r")) for k in keys):
+        return "this is an RWKV-7 (x070) checkpoint; this trainer supports RWKV-6 (x060) only"
+    if any(k.endswith(".att.time_maa_x") for k in keys):
+        return "this looks like an RWKV-6 (x060) checkpoint with different sizes or extra/missing tensors"
+    if any(k.endswith(".att.time_faaaa") for k in keys):
+        return "this is an RWKV-5 checkpoint; this trainer supports RWKV-6 (x060) only"
+    if any(k.endswith(".att.time_first") for k in keys):
+        return "this is an RWKV-4 checkpoint; this trainer supports RWKV-6 (x060) only"
+    return "this is an RWKV checkpoint of an unknown version (not x060)"
