@@ -1,0 +1,1 @@
+"""Data pipeline: World tokenizer, binidx files, jsonl readers and the datasets the trainer consumes."""
