@@ -1,0 +1,117 @@
+"""Evaluation: generation with the recurrent state form, GSM8K-style exact match, and held-out loss."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from src.data.tokenizer import Tokenizer
+from src.loss import masked_token_loss_sum
+from src.model import RWKV6
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str) -> str | None:
+    """'1,234.50' -> '1234.5', '-07' -> '-7', '3.0' -> '3'; None if not a number."""
+    t = text.strip().replace(",", "").rstrip(".")
+    try:
+        value = float(t)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    if value == int(value):
+        return str(int(value))
+    return repr(value).rstrip("0").rstrip(".")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the last '####' if there is one, else the last number in the text; normalised."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        m = _NUMBER.search(tail)
+        if m:
+            return normalize_number(m.group())
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def exact_match(prediction: str, gold: str) -> bool:
+    """True when both texts yield the same normalised answer (and the prediction yields one at all)."""
+    p, g = extract_answer(prediction), extract_answer(gold)
+    return p is not None and p == g
+
+
+@torch.no_grad()
+def generate(model: RWKV6, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, stop: Iterable[str] = ("\n\n",), generator: torch.Generator | None = None) -> str:
+    """Continue `prompt`: the prompt is read in one parallel pass that returns the state, then one token at a
+    time. temperature 0 is greedy. Stops at token 0 or when the text ends with any `stop` string."""
+    model.eval()
+    device = model.emb.weight.device
+    ids = tokenizer.encode(prompt)
+    logits, state = model(torch.tensor([ids], device=device), model.init_state(1, device))
+    out: list[int] = []
+    text = ""
+    for _ in range(max_new_tokens):
+        last = logits[0, -1].float()  # (V,)
+        if temperature <= 0:
+            token = int(last.argmax())
+        else:
+            probs = torch.softmax(last / temperature, -1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(-1) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            token = int(torch.multinomial(probs, 1, generator=generator))
+        if token == 0:
+            break
+        out.append(token)
+        text = tokenizer.decode(out)
+        if any(text.endswith(s) for s in stop):
+            break
+        logits, state = model(torch.tensor([[token]], device=device), state)
+    return text
+
+
+@dataclass
+class ExactMatchResult:
+    accuracy: float
+    correct: int
+    total: int
+    samples: list[dict[str, str | bool]]
+
+
+def evaluate_exact_match(model: RWKV6, tokenizer: Tokenizer, problems: list[tuple[str, str]], prompt_format: str,
+                         max_new_tokens: int = 64, progress: bool = True) -> ExactMatchResult:
+    """Greedy-generate an answer for each (question, gold answer) and score exact match."""
+    from tqdm import tqdm
+
+    samples: list[dict[str, str | bool]] = []
+    correct = 0
+    for question, gold in tqdm(problems, desc="exact match", disable=not progress):
+        pred = generate(model, tokenizer, prompt_format.format(prompt=question), max_new_tokens=max_new_tokens)
+        ok = exact_match(pred, gold)
+        correct += ok
+        samples.append({"question": question, "gold": gold, "prediction": pred, "correct": ok})
+    total = len(problems)
+    return ExactMatchResult(correct / max(total, 1), correct, total, samples)
+
+
+@torch.no_grad()
+def evaluate_loss(model: RWKV6, batches: Iterable[dict[str, Tensor]]) -> float:
+    """Token-weighted mean loss over the masked tokens of `batches` (dicts with input/target/mask)."""
+    model.eval()
+    device = model.emb.weight.device
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for b in batches:
+        s, n = masked_token_loss_sum(model(b["input"].to(device)), b["target"].to(device), b["mask"].to(device))
+        total += s.double().cpu()
+        count += n.double().cpu()
+    return float(total / count.clamp(min=1))

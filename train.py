@@ -1,0 +1,109 @@
+"""Fine-tune an RWKV6 (x060) model with Bone (or LoRA / PiSSA / the ablations / full training).
+
+    python train.py --load_model BASE.pth --data_file DATA --proj_dir out/run1 --peft bone --bone_b 64 --resume auto
+    python train.py --config configs/rwkv6-1.6b-4x4090.yaml --load_model ... --data_file ...
+    python train.py --n_layer 24 --n_embd 2048 --vocab_size 65536 --dry_run     # parameter table, no memory
+
+config -> model -> adapter -> Lightning fit / resume. Everything else lives in src/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from src.adapters.config import AdapterConfig
+from src.adapters.inject import inject_adapters, parameter_table, save_adapter, set_trainable
+from src.checkpoint import save_tensors
+from src.config import TrainConfig, load_config
+from src.errors import RWKVBoneError
+from src.model import RWKV6, RWKV6Config, base_state_dict
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    return AdapterConfig(method=cfg.peft, b=cfg.bone_b, grouping=cfg.bone_grouping, lora_r=cfg.lora_r,
+                         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, targets=list(cfg.adapter_targets),
+                         train_parts=list(cfg.train_parts))
+
+
+def build_model(cfg: TrainConfig, device: str = "cpu") -> RWKV6:
+    """The base model: loaded strictly from --load_model (in the --precision dtype), or initialised from
+    scratch from --n_layer/--n_embd/--vocab_size (on the meta device for --dry_run)."""
+    runtime = dict(wkv_backend=cfg.wkv_backend, grad_cp=bool(cfg.grad_cp))
+    if cfg.load_model:
+        if cfg.dry_run:
+            from src.checkpoint import load_tensors
+
+            sd = load_tensors(cfg.load_model)
+            mcfg = RWKV6Config.from_state_dict(sd, **runtime)
+            del sd
+            with torch.device("meta"):
+                return RWKV6(mcfg)
+        return RWKV6.from_checkpoint(cfg.load_model, dtype=DTYPES[cfg.precision], **runtime)
+    mcfg = RWKV6Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, **runtime)  # type: ignore[arg-type]
+    if cfg.dry_run:
+        with torch.device("meta"):
+            return RWKV6(mcfg)
+    model = RWKV6(mcfg)
+    model.init_weights(seed=cfg.seed)
+    return model
+
+
+def print_config(cfg: TrainConfig) -> None:
+    print("config:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
+
+
+def run(cfg: TrainConfig) -> int:
+    """Build, then fit (or only report for --dry_run). Returns the process exit code."""
+    import pytorch_lightning as pl
+
+    from src.trainer import base_fingerprint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    print_config(cfg)
+    model = build_model(cfg)
+    base_fp = "" if cfg.dry_run else base_fingerprint(model)
+    acfg = adapter_config(cfg)
+    torch.manual_seed(cfg.seed)  # PiSSA's randomised SVD must be identical on resume
+    inject_adapters(model, acfg)
+    set_trainable(model, acfg)
+    if cfg.peft == "none":  # TEMP until adapter_parameters covers full training
+        for p in model.parameters():
+            p.requires_grad_(True)
+    print(parameter_table(model))
+    if cfg.dry_run:
+        return 0
+    from src.trainer import fit
+
+    fit(cfg, model, base_fp, export=lambda m, path: export_weights(cfg, acfg, m, path))
+    return 0
+
+
+def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, path: Path) -> Path:
+    """Write what the run trained: the adapter file, or (for --peft none) a full x060 checkpoint."""
+    if cfg.peft == "none":
+        path = path.with_name(path.name.replace("adapter-", "model-"))
+        save_tensors(path, {k: v.detach().float() if cfg.precision == "fp32" else v.detach()
+                            for k, v in base_state_dict(model).items()})
+    else:
+        save_adapter(model, acfg, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+        return run(cfg)
+    except RWKVBoneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
