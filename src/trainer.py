@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +384,18 @@ def make_strategy(cfg: TrainConfig) -> Any:
                                  exclude_frozen_parameters=True)
 
 
+def gathered_for_export(model: nn.Module, strategy: Any) -> Any:
+    """Under ZeRO-3 every parameter is partitioned (empty) outside forward/backward, but an export reads whole
+    tensors and base shapes: gather all parameters read-only. A collective: enter it on every rank."""
+    from pytorch_lightning.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------- fit
 def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer:
     """Train `model` (adapters injected, trainable tensors marked) per `cfg`, resuming if asked.
@@ -402,10 +415,11 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     plugins = [] if cfg.strategy.startswith("deepspeed") else [SafeAtomicCheckpointIO()]
 
     def export_on_rank0(path: Path, trainer: pl.Trainer) -> None:
-        if trainer.is_global_zero:
-            written = export(model, path)
-            atomic_write_text(proj / "config.yaml", _config_yaml(cfg))
-            print(f"saved {written}")
+        with gathered_for_export(model, trainer.strategy):
+            if trainer.is_global_zero:
+                written = export(model, path)
+                atomic_write_text(proj / "config.yaml", _config_yaml(cfg))
+                print(f"saved {written}")
 
     trainer = pl.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=make_strategy(cfg),
@@ -432,9 +446,8 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     if ckpt is not None and trainer.is_global_zero:
         print(f"resuming from {ckpt}")
     trainer.fit(lm, loaders.train, loaders.val, ckpt_path=str(ckpt) if ckpt else None)
+    export_on_rank0(proj / "adapter-final.safetensors", trainer)
     if trainer.is_global_zero:
-        export(model, proj / "adapter-final.safetensors")
-        atomic_write_text(proj / "config.yaml", _config_yaml(cfg))
         metrics = proj / "metrics.jsonl"
         if metrics.exists():
             plot_metrics(metrics, proj / "loss.png")

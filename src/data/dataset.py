@@ -440,3 +440,15 @@ def _build_windows(
         val = ChunkDataset(source, stop, source.total_tokens, ctx_len, name=str(data_file))
     train = WindowDataset(source, 0, stop, ctx_len, num_samples, seed, name=str(data_file))
     return Datasets(train, val, data_type)
+
+
+def build_eval_dataset(
+    data_file: str | os.PathLike, ctx_len: int, tokenizer: Tokenizer | None, vocab_size: int = 65536
+) -> KeyedDataset:
+    """Every loss token of a file exactly once, in order: SFT documents one per sample (unshuffled), or
+    consecutive ctx_len windows over a text/binidx stream."""
+    data_type = detect_data_type(data_file)
+    if data_type == "sft":
+        return DocumentDataset(read_sft_docs(data_file, _require(tokenizer, data_type)), ctx_len, 0, shuffle=False)
+    source, _ = _load_stream(data_file, data_type, tokenizer, vocab_size)
+    return ChunkDataset(source, 0, source.total_tokens, ctx_len)
