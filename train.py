@@ -44,7 +44,9 @@ def build_model(cfg: TrainConfig, device: str = "cpu") -> RWKV6:
             del sd
             with torch.device("meta"):
                 return RWKV6(mcfg)
-        return RWKV6.from_checkpoint(cfg.load_model, dtype=DTYPES[cfg.precision], **runtime)
+        # Frozen weights in the --precision dtype; full training (--peft none) keeps fp32 master weights.
+        dtype = torch.float32 if cfg.peft == "none" else DTYPES[cfg.precision]
+        return RWKV6.from_checkpoint(cfg.load_model, dtype=dtype, **runtime)
     mcfg = RWKV6Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, **runtime)  # type: ignore[arg-type]
     if cfg.dry_run:
         with torch.device("meta"):
@@ -73,9 +75,9 @@ def run(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)  # PiSSA's randomised SVD must be identical on resume
     inject_adapters(model, acfg)
     set_trainable(model, acfg)
-    if cfg.peft == "none":  # TEMP until adapter_parameters covers full training
-        for p in model.parameters():
-            p.requires_grad_(True)
+    for p in model.parameters():  # trainable tensors train in fp32 (bf16 autocast does the matmuls)
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     print(parameter_table(model))
     if cfg.dry_run:
         return 0

@@ -1,2 +1,242 @@
-"""PLACEHOLDER (owned by the adapters work): names of adapter tensors, injection and adapter loading."""
-ADAPTER_TENSOR_SUFFIXES: tuple[str, ...] = (".bone", ".bone_A", ".bone_B", ".lora_A", ".lora_B")
+"""Putting adapters into an RWKV6 model and getting them out: injection, the one definition of the
+adapter parameters (which drives requires_grad, the optimizer, saving and merging), saving and strict
+loading of adapter files on models, and parameter counting."""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from src.adapters.bone import BoneLinear
+from src.adapters.config import (ADAPTER_TENSOR_SUFFIXES, BONE_METHODS, FROZEN_SUFFIXES, PROJECTIONS,
+                                 TRAINABLE_SUFFIXES, AdapterConfig)
+from src.adapters.files import (base_fingerprint, base_summary, describe_base, load_adapter_file, tensor_shapes,
+                                write_adapter_file)
+from src.adapters.lora import LoRALinear
+from src.errors import AdapterError
+from src.model import RWKV6, RWKV6Config, base_state_dict
+
+__all__ = ["ADAPTER_TENSOR_SUFFIXES", "inject_adapters", "adapter_parameters", "adapter_state_dict", "set_trainable",
+           "save_adapter", "load_adapter_into", "check_adapter_fits", "expected_adapter_shapes",
+           "parameter_table", "count_adapter_parameters"]
+
+AdapterLayer = (BoneLinear, LoRALinear)
+_PROJECTION_MODULE = re.compile(r"^blocks\.\d+\.((?:att|ffn)\.\w+)$")
+
+
+def _targeted_linears(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Linear]]:
+    wanted = set(cfg.projections())
+    found = []
+    for name, module in model.named_modules():
+        match = _PROJECTION_MODULE.match(name)
+        if match and match[1] in wanted:
+            if not isinstance(module, nn.Linear) or module.bias is not None:
+                raise AdapterError(f"{name} is a {type(module).__name__}, not an nn.Linear without bias; "
+                                   f"adapters go onto a plain RWKV6 model.")
+            found.append((name, module))
+    return found
+
+
+def _check_divisible(linears: list[tuple[str, nn.Linear]], b: int) -> None:
+    bad = [f"{name} ({lin.out_features}x{lin.in_features})" for name, lin in linears
+           if lin.out_features % b or lin.in_features % b]
+    if bad:
+        dims = [d for _, lin in linears for d in (lin.out_features, lin.in_features)]
+        common = math.gcd(*dims)
+        valid = [d for d in range(common, 0, -1) if common % d == 0][:8]
+        raise AdapterError(f"Bone block size b={b} does not divide the (out x in) sizes of {len(bad)} layer(s): "
+                           f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Block sizes that divide every "
+                           f"targeted layer: {', '.join(map(str, valid))}.")
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, initialize: bool = True) -> list[str]:
+    """Replace the targeted nn.Linear projections by adapter layers that reuse their weight Parameter, then
+    freeze everything except `adapter_parameters(model, cfg)`. Returns the replaced module names.
+
+    `initialize`: LoRA's Kaiming init / PiSSA's SVD init (skipped on the meta device); pass False when the
+    adapter tensors will be loaded from a file. Bone starts at zero either way."""
+    present = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    if present:
+        raise AdapterError(f"the model already has adapters ({present[0]} ...); inject into a plain base model.")
+    linears = _targeted_linears(model, cfg)
+    if cfg.method in BONE_METHODS:
+        _check_divisible(linears, cfg.b)
+    for name, linear in linears:
+        layer = BoneLinear(linear.weight, cfg) if cfg.method in BONE_METHODS else LoRALinear(linear.weight, cfg)
+        if initialize and isinstance(layer, LoRALinear) and not layer.weight.is_meta:
+            layer.initialize()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    set_trainable(model, cfg)
+    return [name for name, _ in linears]
+
+
+def _train_part_names(model: nn.Module, parts: Sequence[str]) -> set[str]:
+    names: set[str] = set()
+    if "ln" in parts:
+        for module_name, module in model.named_modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                names.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    if "time" in parts:
+        names.update(n for n, _ in model.named_parameters() if n.rpartition(".")[2].startswith("time_"))
+    return names
+
+
+def adapter_parameters(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Parameter]:
+    """THE trainable parameters: the adapter tensors of cfg.method plus the base parameters named by
+    cfg.train_parts; for method "none" (full fine-tuning / pretraining) every parameter. Drives
+    requires_grad, the optimizer, the adapter file and merging."""
+    if cfg.method == "none":
+        return dict(model.named_parameters())
+    suffixes = tuple(f".{s}" for s in TRAINABLE_SUFFIXES[cfg.method])
+    parts = _train_part_names(model, cfg.train_parts)
+    return {n: p for n, p in model.named_parameters() if (suffixes and n.endswith(suffixes)) or n in parts}
+
+
+def set_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
+    """requires_grad = True exactly for adapter_parameters(model, cfg)."""
+    trainable = {id(p) for p in adapter_parameters(model, cfg).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def adapter_state_dict(model: nn.Module, cfg: AdapterConfig) -> dict[str, Tensor]:
+    """What an adapter file holds: adapter_parameters plus frozen adapter buffers (PiSSA's A0, B0)."""
+    tensors: dict[str, Tensor] = {n: p.detach() for n, p in adapter_parameters(model, cfg).items()}
+    frozen = tuple(f".{s}" for s in FROZEN_SUFFIXES.get(cfg.method, ()))
+    if frozen:
+        tensors.update({n: t.detach() for n, t in model.named_buffers() if n.endswith(frozen)})
+    return tensors
+
+
+def _meta_model(base_shapes: Mapping[str, Sequence[int]]) -> RWKV6:
+    """An RWKV6 on the meta device whose base tensors match base_shapes strictly (CheckpointError if not)."""
+    sd = {k: torch.empty(tuple(s), device="meta") for k, s in base_shapes.items()}
+    with torch.device("meta"):
+        model = RWKV6(RWKV6Config.from_state_dict(sd))
+    model.load_base_state_dict(sd, source="the base model")
+    return model
+
+
+def expected_adapter_shapes(cfg: AdapterConfig, base_shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """The adapter file a cfg gives on a base with these tensor shapes: {name: shape}, via a meta-device model."""
+    model = _meta_model(base_shapes)
+    inject_adapters(model, cfg, initialize=False)
+    return tensor_shapes(adapter_state_dict(model, cfg))
+
+
+def _check_tensors(tensors: Mapping[str, Tensor], cfg: AdapterConfig, base_shapes: Mapping[str, Sequence[int]],
+                   source: str) -> None:
+    expected = expected_adapter_shapes(cfg, base_shapes)
+    got = tensor_shapes(tensors)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {got[k]} vs expected {expected[k]}" for k in sorted(set(expected) & set(got)) if got[k] != expected[k]]
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if not (missing or unexpected or wrong or not_float):
+        return
+    lines = [f"{source} does not fit {cfg.method} (b={cfg.b}, grouping={cfg.grouping}, r={cfg.lora_r}, "
+             f"targets={','.join(cfg.targets)}, train_parts={','.join(cfg.train_parts) or 'none'}) on this base:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        lines.append(f"  wrong shape ({len(wrong)}): {'; '.join(wrong[:4])}")
+        if any(0 in got[k] for k in got):
+            lines.append("  (empty tensors: under ZeRO-3 gather the parameters before saving)")
+    if not_float:
+        lines.append(f"  not floating point: {', '.join(not_float[:8])}")
+    lines.append("  The tensors were made with a different block size, rank, target list or model.")
+    raise AdapterError("\n".join(lines))
+
+
+def check_adapter_fits(tensors: Mapping[str, Tensor], cfg: AdapterConfig, meta: Mapping[str, str],
+                       base_shapes: Mapping[str, Sequence[int]], source: str) -> None:
+    """AdapterError unless the adapter file (tensors, cfg, meta) was made for a base with these shapes and its
+    tensors are exactly those cfg gives on it."""
+    fingerprint = base_fingerprint(base_shapes)
+    if meta["base_fingerprint"] != fingerprint:
+        raise AdapterError(f"{source} was trained on a different base model ({describe_base(meta)}; fingerprint "
+                           f"{meta['base_fingerprint']}) than this one ({describe_base(base_summary(base_shapes))}; "
+                           f"fingerprint {fingerprint}). Use it with the base model it was trained on.")
+    _check_tensors(tensors, cfg, base_shapes, source)
+
+
+def save_adapter(model_or_tensors: nn.Module | Mapping[str, Tensor], cfg: AdapterConfig, path: str | Path,
+                 base_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Write the adapter file atomically (.safetensors). From a model: adapter_state_dict(model, cfg), with the
+    base shapes read from the model. From a {name: tensor} dict: base_shapes (the base model's
+    {name: shape}) is required. The tensors are checked to be exactly what cfg gives on that base."""
+    if cfg.method == "none":
+        raise AdapterError("method 'none' trains the whole model: there is nothing to save as an adapter; write a "
+                           "full checkpoint instead (train.py writes model-*.safetensors for --peft none).")
+    if isinstance(model_or_tensors, nn.Module):
+        tensors = adapter_state_dict(model_or_tensors, cfg)
+        base_shapes = tensor_shapes(base_state_dict(model_or_tensors))
+    else:
+        if base_shapes is None:
+            raise AdapterError("save_adapter(tensors, ...) needs base_shapes (the base model's {name: shape}) "
+                               "to fingerprint the base; or pass the model itself.")
+        tensors = dict(model_or_tensors)
+    if not tensors:
+        raise AdapterError(f"nothing to save for method {cfg.method!r} with train_parts={list(cfg.train_parts)}: "
+                           f"inject adapters (or choose train_parts) first.")
+    _check_tensors(tensors, cfg, base_shapes, f"the adapter tensors for {path}")
+    write_adapter_file(path, tensors, cfg, base_shapes)
+
+
+def load_adapter_into(model: nn.Module, path: str | Path) -> list[str]:
+    """Inject the adapter described by the file into a plain base model and load its tensors strictly
+    (unmerged). Returns the replaced module names. AdapterError if the file does not fit; the model is
+    left untouched in that case."""
+    tensors, cfg, meta = load_adapter_file(path)
+    present = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    if present:
+        raise AdapterError(f"cannot load {path}: the model already has adapters ({present[0]} ...); "
+                           f"load adapter files onto a plain base model.")
+    check_adapter_fits(tensors, cfg, meta, tensor_shapes(base_state_dict(model)), str(path))
+    names = inject_adapters(model, cfg, initialize=False)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            targets[name].copy_(t)
+        for module in model.modules():
+            if isinstance(module, LoRALinear) and module.cfg.method == "pissa":
+                module.remove_principal_part()
+    return names
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Trainable parameters per projection, per part (att/ffn; "other" for train_parts) and in total."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        prefix, _, suffix = name.rpartition(".")
+        match = _PROJECTION_MODULE.match(prefix)
+        key = match[1] if match and f".{suffix}" in ADAPTER_TENSOR_SUFFIXES else "other"
+        counts[key] = counts.get(key, 0) + p.numel()
+    rows = []
+    for part in ("att", "ffn"):
+        projections = [p for p in PROJECTIONS if p.startswith(part + ".") and p in counts]
+        rows += [(f"  {p}", counts[p]) for p in projections]
+        if projections:
+            rows.append((f"{part} total", sum(counts[p] for p in projections)))
+    if "other" in counts:
+        rows.append(("other (base tensors)", counts["other"]))
+    rows.append(("total trainable", sum(counts.values())))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {n:>14,}" for label, n in rows)
+
+
+def count_adapter_parameters(model_cfg: RWKV6Config, adapter_cfg: AdapterConfig) -> int:
+    """Trainable parameter count of adapter_cfg on a model of model_cfg, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = RWKV6(model_cfg)
+    inject_adapters(model, adapter_cfg)
+    return sum(p.numel() for p in adapter_parameters(model, adapter_cfg).values())

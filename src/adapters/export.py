@@ -1,0 +1,184 @@
+"""Merging an adapter file into a base checkpoint file (or unmerging it), streaming tensor by tensor.
+
+The base is memory-mapped (each .safetensors tensor copy-on-write via numpy, or `torch.load(mmap=True,
+weights_only=True)`): unchanged tensors are never copied into memory, and one merged tensor at a time is.
+A `.safetensors` output is written incrementally (header from the known shapes, then each tensor's bytes).
+A `.pth` output needs one `torch.save` of the whole dict: each merged tensor is spilled to a temporary
+file next to the output and memory-mapped back, so the dict holds only file-backed tensors. Both outputs
+are written atomically and hold base keys only.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from src.adapters.config import AdapterConfig
+from src.adapters.files import load_adapter_file
+from src.adapters.inject import check_adapter_fits
+from src.adapters.merge import merge_weight, split_adapter_tensors, unmerge_weight
+from src.atomic import atomic_path
+from src.errors import AdapterError, CheckpointError, ConfigError
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+_FROM_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class LazyCheckpoint:
+    """A checkpoint's tensor names, shapes and dtypes, and a loader for one tensor at a time."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    load: Callable[[str], Tensor]
+
+
+def open_checkpoint_lazily(path: Path) -> LazyCheckpoint:
+    """Open a .safetensors or .pth/.pt checkpoint without reading its tensors. CheckpointError when the file
+    is missing, corrupt, unsafe or not a flat tensor dict."""
+    if not path.is_file() or path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: no such checkpoint file (or it is empty). Pass the base model's .pth or .safetensors file.")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu"):  # validates the header and the file size
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it.") from e
+        return _map_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: it contains Python objects other than tensors "
+                              f"({str(e).splitlines()[0]}). Convert it to a plain state dict with a trusted tool.") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({str(e).splitlines()[0]}); it is probably "
+                              f"truncated or corrupt (or an old non-zip torch file): re-download or re-save it.") from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(sd).__name__}.")
+    return LazyCheckpoint(shapes={k: tuple(v.shape) for k, v in sd.items()},
+                          dtypes={k: v.dtype for k, v in sd.items()}, load=sd.__getitem__)
+
+
+def _map_safetensors(path: Path) -> LazyCheckpoint:
+    """Memory-map each tensor of a (validated) .safetensors file copy-on-write: file-backed, nothing read yet."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    unknown = sorted({info["dtype"] for info in header.values()} - set(_FROM_SAFETENSORS))
+    if unknown:
+        raise CheckpointError(f"{path}: tensor dtypes {unknown} are not supported; convert the checkpoint to bf16/fp16/fp32.")
+    shapes = {k: tuple(info["shape"]) for k, info in header.items()}
+    dtypes = {k: _FROM_SAFETENSORS[info["dtype"]] for k, info in header.items()}
+
+    def load(name: str) -> Tensor:
+        begin, end = header[name]["data_offsets"]
+        if begin == end:
+            return torch.empty(shapes[name], dtype=dtypes[name])
+        data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + begin, shape=(end - begin,))
+        return torch.from_numpy(data).view(dtypes[name]).view(shapes[name])
+
+    return LazyCheckpoint(shapes=shapes, dtypes=dtypes, load=load)
+
+
+def _write_safetensors_streaming(path: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                                 produce: Callable[[str], Tensor]) -> None:
+    """Write a .safetensors file tensor by tensor: the header comes from the known shapes and dtypes."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtypes[name]).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name in shapes:
+            f.write(produce(name).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _write_pth_spilled(path: Path, names: list[str], produce: Callable[[str], Tensor], changed: set[str]) -> None:
+    """torch.save a dict whose changed tensors are spilled to temporary files and memory-mapped back.
+    All merging happens first, so no long-lived allocation sits between the merge temporaries (which
+    would keep the allocator from returning their memory)."""
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as spill:
+        spilled: dict[str, tuple[Path, torch.Size, torch.dtype]] = {}
+        for i, name in enumerate(n for n in names if n in changed):
+            t = produce(name)
+            spilled[name] = (Path(spill) / f"{i}.bin", t.shape, t.dtype)
+            with open(spilled[name][0], "wb") as f:
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+        out: dict[str, Tensor] = {}
+        for name in names:
+            if name in spilled and spilled[name][1].numel() > 0:
+                file, shape, dtype = spilled[name]
+                out[name] = torch.from_file(str(file), shared=False, size=shape.numel(), dtype=dtype).view(shape)
+            else:
+                out[name] = produce(name)
+        with atomic_path(path) as tmp:
+            torch.save(out, tmp)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+@dataclass(frozen=True)
+class MergeSummary:
+    cfg: AdapterConfig
+    changed: list[str]  # base tensor names whose values changed
+    output: Path
+
+
+def merge_checkpoint_file(base_path: str | Path, adapter_path: str | Path, output_path: str | Path, *,
+                          unmerge: bool = False) -> MergeSummary:
+    """Write base + adapter (or, with unmerge, the base recovered from a merged checkpoint) to output_path
+    (.safetensors or .pth by extension), a standard x060 checkpoint without adapter keys.
+
+    Raises ConfigError for an output path equal to an input or with an unknown extension, AdapterError for an
+    adapter that does not fit the base, CheckpointError for an unreadable base."""
+    base_path, adapter_path, output_path = Path(base_path), Path(adapter_path), Path(output_path)
+    for label, other in (("--base_model", base_path), ("--bone (adapter)", adapter_path)):
+        if _same_file(output_path, other):
+            raise ConfigError(f"output {output_path} is the same file as the {label} input; write to a new path.")
+    if output_path.suffix not in (".safetensors", ".pth"):
+        raise ConfigError(f"output {output_path}: use a .pth or .safetensors file name.")
+    adapter, cfg, meta = load_adapter_file(adapter_path)
+    base = open_checkpoint_lazily(base_path)
+    check_adapter_fits(adapter, cfg, meta, base.shapes, str(adapter_path))
+    per_weight, parts = split_adapter_tensors(adapter, frozenset(base.shapes))
+    if unmerge and parts:
+        raise AdapterError(f"cannot unmerge {adapter_path}: it also trained {sorted(parts)[:3]} ... "
+                           f"(train_parts={list(cfg.train_parts)}), whose original values it does not store.")
+    transform = unmerge_weight if unmerge else merge_weight
+
+    def produce(name: str) -> Tensor:
+        t = base.load(name)
+        if name in per_weight:
+            return transform(t, per_weight[name], cfg)
+        if name in parts:
+            return parts[name].to(t.dtype)
+        return t
+
+    changed = set(per_weight) | set(parts)
+    if output_path.suffix == ".safetensors":
+        _write_safetensors_streaming(output_path, base.shapes, base.dtypes, produce)
+    else:
+        _write_pth_spilled(output_path, list(base.shapes), produce, changed)
+    return MergeSummary(cfg=cfg, changed=[k for k in base.shapes if k in changed], output=output_path)
