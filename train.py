@@ -8,7 +8,6 @@ config -> model -> adapter -> Lightning fit / resume. Everything else lives in s
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -39,7 +38,7 @@ def build_model(cfg: TrainConfig, device: str = "cpu") -> RWKV6:
         if cfg.dry_run:
             from src.checkpoint import load_tensors
 
-            sd = load_tensors(cfg.load_model)
+            sd = load_tensors(cfg.load_model, mmap=True)
             mcfg = RWKV6Config.from_state_dict(sd, **runtime)
             del sd
             with torch.device("meta"):

@@ -28,8 +28,9 @@ def _check_readable(path: Path) -> None:
         raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely. Re-download or re-save it.")
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Load a flat {name: tensor} dict from `.pth`/`.pt` (weights_only) or `.safetensors`, on CPU.
+    `mmap=True` memory-maps a `.pth` file's tensors instead of reading them.
 
     Raises CheckpointError for a missing, empty, truncated or corrupt file, for a pickle that tries to
     build anything but tensors (which would run code), and for a file that is not a flat tensor dict.
@@ -44,7 +45,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: re-download or re-save it."
             ) from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load. The file contains Python objects other than tensors, and loading them could "

@@ -1,9 +1,9 @@
 """Evaluation: generation with the recurrent state form, GSM8K-style exact match, and held-out loss."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Iterable
 
 import torch
@@ -18,17 +18,18 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 def normalize_number(text: str) -> str | None:
-    """'1,234.50' -> '1234.5', '-07' -> '-7', '3.0' -> '3'; None if not a number."""
+    """'1,234.50' -> '1234.5', '-07' -> '-7', '3.0' -> '3', '.5' -> '0.5'; None if not a finite number.
+    Exact (decimal arithmetic): long integers are not rounded through float."""
     t = text.strip().replace(",", "").rstrip(".")
     try:
-        value = float(t)
-    except ValueError:
+        value = Decimal(t)
+    except InvalidOperation:
         return None
-    if not math.isfinite(value):
+    if not value.is_finite():
         return None
-    if value == int(value):
+    if value == value.to_integral_value():
         return str(int(value))
-    return repr(value).rstrip("0").rstrip(".")
+    return format(value.normalize(), "f")
 
 
 def extract_answer(text: str) -> str | None:

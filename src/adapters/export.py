@@ -10,10 +10,8 @@ are written atomically and hold base keys only.
 from __future__ import annotations
 
 import json
-import pickle
 import struct
 import tempfile
-import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from src.adapters.files import load_adapter_file
 from src.adapters.inject import check_adapter_fits
 from src.adapters.merge import merge_weight, split_adapter_tensors, unmerge_weight
 from src.atomic import atomic_path
+from src.checkpoint import load_tensors
 from src.errors import AdapterError, CheckpointError, ConfigError
 
 _SAFETENSORS_DTYPES = {
@@ -58,16 +57,7 @@ def open_checkpoint_lazily(path: Path) -> LazyCheckpoint:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-save it.") from e
         return _map_safetensors(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it contains Python objects other than tensors "
-                              f"({str(e).splitlines()[0]}). Convert it to a plain state dict with a trusted tool.") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({str(e).splitlines()[0]}); it is probably "
-                              f"truncated or corrupt (or an old non-zip torch file): re-download or re-save it.") from e
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(sd).__name__}.")
+    sd = load_tensors(path, mmap=True)
     return LazyCheckpoint(shapes={k: tuple(v.shape) for k, v in sd.items()},
                           dtypes={k: v.dtype for k, v in sd.items()}, load=sd.__getitem__)
 
