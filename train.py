@@ -30,7 +30,7 @@ def adapter_config(cfg: TrainConfig) -> AdapterConfig:
                          train_parts=list(cfg.train_parts))
 
 
-def build_model(cfg: TrainConfig, device: str = "cpu") -> RWKV6:
+def build_model(cfg: TrainConfig) -> RWKV6:
     """The base model: loaded strictly from --load_model (in the --precision dtype), or initialised from
     scratch from --n_layer/--n_embd/--vocab_size (on the meta device for --dry_run)."""
     runtime = dict(wkv_backend=cfg.wkv_backend, grad_cp=bool(cfg.grad_cp))
@@ -90,8 +90,8 @@ def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, path: Pa
     """Write what the run trained: the adapter file, or (for --peft none) a full x060 checkpoint."""
     if cfg.peft == "none":
         path = path.with_name(path.name.replace("adapter-", "model-"))
-        save_tensors(path, {k: v.detach().float() if cfg.precision == "fp32" else v.detach()
-                            for k, v in base_state_dict(model).items()})
+        dtype = DTYPES[cfg.precision]  # official checkpoints are bf16; fp32 training keeps fp32
+        save_tensors(path, {k: v.detach().to(dtype) for k, v in base_state_dict(model).items()})
     else:
         save_adapter(model, acfg, path)
     return path

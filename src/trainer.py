@@ -159,7 +159,6 @@ class RWKVLightningModule(pl.LightningModule):
         self.base_fp = base_fp
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
-        self._step_start: float | None = None
 
     # -- what is trained and saved
     def trainable_named_parameters(self) -> dict[str, nn.Parameter]:

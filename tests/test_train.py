@@ -57,11 +57,12 @@ def run_train(args: list[str], timeout: float = 300, **popen: object) -> subproc
 @pytest.mark.slow
 def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    res = run_train(common_args(assets, straight))
+    res = run_train(common_args(assets, straight, wandb="rwkv-bone-test"))  # WANDB_MODE=offline
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("adapter-epoch1.safetensors", "adapter-epoch3.safetensors", "adapter-final.safetensors",
                  "config.yaml", "metrics.jsonl", "loss.png"):
         assert (straight / name).is_file(), name
+    assert list((straight / "wandb").glob("offline-run-*")), "wandb offline run not written"
     rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
