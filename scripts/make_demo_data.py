@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--corpus_docs", type=int, default=4000)
-    ap.add_argument("--train", type=int, default=2000)
+    ap.add_argument("--train", type=int, default=480)
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)

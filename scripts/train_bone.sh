@@ -45,7 +45,7 @@ if [[ ! -f "$BASE" ]]; then
 fi
 
 echo "== demo: before fine-tuning"
-"$PYTHON" scripts/eval.py --model "$BASE" --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 128 \
+"$PYTHON" scripts/eval.py --model "$BASE" --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_before.json"
 
 echo "== demo: Bone fine-tuning on the word problems"
@@ -54,7 +54,7 @@ echo "== demo: Bone fine-tuning on the word problems"
 
 echo "== demo: after fine-tuning (base + adapter)"
 "$PYTHON" scripts/eval.py --model "$BASE" --adapter "$DEMO/bone/adapter-final.safetensors" \
-    --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 128 \
+    --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_after.json"
 
 "$PYTHON" - "$DEMO" <<'EOF'
