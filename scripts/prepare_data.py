@@ -17,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from src.data.binidx import BinIdxWriter, prefix_of  # noqa: E402
+from src.data.binidx import BinIdxWriter, bin_path, idx_path, prefix_of  # noqa: E402
 from src.data.jsonl import iter_jsonl, plain_text  # noqa: E402
 from src.data.tokenizer import WorldTokenizer  # noqa: E402
 from src.errors import DataError, RWKVBoneError  # noqa: E402
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     prefix = prefix_of(args.output_prefix)
+    if args.input.resolve() in (bin_path(prefix).resolve(), idx_path(prefix).resolve()):
+        print(f"error: --input {args.input} is one of the output files {prefix}.bin / {prefix}.idx; choose another "
+              f"--output_prefix", file=sys.stderr)
+        return 1
     try:
         num_docs, num_tokens = convert(args.input, prefix, show_progress=not args.quiet)
     except RWKVBoneError as e:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-from src.atomic import atomic_path
+from src.atomic import atomic_save
 from src.errors import CheckpointError
 
 TENSOR_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -26,6 +26,12 @@ def _check_readable(path: Path) -> None:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file. Pass the .pth or .safetensors file inside it.")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely. Re-download or re-save it.")
+
+
+def _check_torch_zip(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not "
+                              f"one). It is truncated or corrupt: re-download or re-save it.")
 
 
 def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -44,6 +50,7 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: re-download or re-save it."
             ) from e
+    _check_torch_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -72,14 +79,13 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     path = Path(path)
     if path.suffix not in TENSOR_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint extension; use one of {', '.join(TENSOR_SUFFIXES)}.")
+    if metadata and path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: metadata can only be stored in .safetensors files.")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        if path.suffix == ".safetensors":
-            st_save_file(tensors, str(tmp), metadata=metadata)
-        else:
-            if metadata:
-                raise CheckpointError(f"{path}: metadata can only be stored in .safetensors files.")
-            torch.save(tensors, tmp)
+    if path.suffix == ".safetensors":
+        atomic_save(path, lambda tmp: st_save_file(tensors, str(tmp), metadata=metadata))
+    else:
+        atomic_save(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def describe_state_dict(keys: list[str] | set[str]) -> str:

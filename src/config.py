@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -21,6 +22,13 @@ STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspee
 PRECISIONS = ("bf16", "fp16", "fp32")  # frozen base dtype; trainable tensors stay fp32 under autocast
 DATA_TYPES = ("binidx", "jsonl", "sft")
 LR_SCHEDULES = ("cosine", "linear", "exponential", "constant")
+RUN_OUTPUTS = re.compile(r"(adapter|model)-(epoch\d+|final)\.safetensors|metrics\.jsonl|config\.yaml|loss\.png")
+
+
+def is_run_output(path: Path, proj_dir: Path) -> bool:
+    """Whether `path` is one of the files a run writes into proj_dir (or its checkpoints folder)."""
+    path, proj = path.resolve(), proj_dir.resolve()
+    return path.parent == proj / "checkpoints" or (path.parent == proj and RUN_OUTPUTS.fullmatch(path.name) is not None)
 
 
 @dataclass
@@ -63,6 +71,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    skip_nonfinite: int = 0  # optimizer steps with a NaN/Inf loss or gradient to skip before stopping; 0 = stop at once
     grad_cp: int = 0
     l2wrap: int = 1
     # hardware
@@ -97,6 +106,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}.")
         if self.lr_final < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("--lr_final, --warmup_steps, --weight_decay and --grad_clip must be >= 0.")
+        if self.skip_nonfinite < 0:
+            raise ConfigError(f"--skip_nonfinite must be >= 0, got {self.skip_nonfinite}.")
+        if self.skip_nonfinite and "deepspeed" in self.strategy:
+            raise ConfigError("--skip_nonfinite works with --strategy auto/ddp only; DeepSpeed keeps its own gradients.")
         if self.lr_schedule == "exponential" and self.lr_final <= 0:
             raise ConfigError("--lr_schedule exponential needs --lr_final > 0.")
         if not 0 <= self.val_fraction < 1:
@@ -112,6 +125,14 @@ class TrainConfig:
                               f"train a model from scratch.")
         if not self.dry_run and not self.data_file:
             raise ConfigError("--data_file is required (a binidx prefix or a .jsonl file).")
+        proj = Path(self.proj_dir)
+        if proj.exists() and not proj.is_dir():
+            raise ConfigError(f"--proj_dir {proj} is an existing file, not a folder; give a folder for the run's outputs.")
+        for name in ("load_model", "data_file", "val_file"):
+            value = getattr(self, name)
+            if value and is_run_output(Path(value), proj):
+                raise ConfigError(f"--{name} {value} is a file this run writes into --proj_dir {proj}, so the run would "
+                                  f"overwrite its own input. Copy it elsewhere or use another --proj_dir.")
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
             raise ConfigError(f"--resume {self.resume}: no such checkpoint. Use --resume auto to pick the newest in proj_dir.")
         return self

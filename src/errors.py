@@ -19,3 +19,7 @@ class DataError(RWKVBoneError):
 
 class ConfigError(RWKVBoneError):
     """A configuration value is invalid."""
+
+
+class WriteError(RWKVBoneError):
+    """A file could not be written (disk full, no permission); its previous version is kept."""

@@ -281,6 +281,14 @@ class RWKV6(nn.Module):
                 lines.append(f"  wrong shape ({len(mismatched)}): {'; '.join(mismatched[:20])}")
             lines.append(f"  what the file looks like: {describe_state_dict(sd.keys())}.")
             raise CheckpointError("\n".join(lines))
+        not_float = [f"{k} ({sd[k].dtype})" for k in sorted(sd) if not sd[k].is_floating_point()]
+        if not_float:
+            raise CheckpointError(f"{source}: tensors that are not floating point (quantized?): {', '.join(not_float[:8])}. "
+                                  f"Use an fp32/bf16/fp16 x060 checkpoint.")
+        not_finite = [k for k in sorted(sd) if not sd[k].is_meta and not bool(torch.isfinite(sd[k]).all())]
+        if not_finite:
+            raise CheckpointError(f"{source}: tensors with NaN/Inf values (not finite): {', '.join(not_finite[:8])}. "
+                                  f"The checkpoint is corrupt or comes from a diverged run; use another one.")
         params = base_state_dict(self)
         with torch.no_grad():
             for k, t in params.items():

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from src.atomic import atomic_path, atomic_write_text
+from src.atomic import atomic_path, atomic_save, atomic_write_text
 from src.config import TrainConfig
-from src.errors import CheckpointError
+from src.errors import CheckpointError, WriteError
+from src.health import NonFiniteGuard
 from src.loss import L2Wrap, masked_token_loss_sum
 from src.model import RWKV6
 
@@ -104,23 +106,30 @@ class SafeAtomicCheckpointIO(TorchCheckpointIO):
     """Lightning CheckpointIO that writes atomically (temp + rename) and loads with weights_only=True."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such training-state file.")
+        if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: cannot read this training state (empty or not a torch.save zip archive); "
+                                  f"it is truncated or corrupt. Delete it to resume from the previous one.")
         try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as e:  # re-raised with the file named; torch raises several types here
             if "weights_only" in str(e) or "Unsupported global" in str(e):
                 raise CheckpointError(
                     f"{path}: refused to load. It contains Python objects other than tensors and plain values, and "
                     f"loading them could run code. Only resume from training states this trainer wrote."
                 ) from e
-            raise CheckpointError(f"{path}: cannot read this training state ({str(e).splitlines()[0]}); it is "
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: cannot read this training state ({reason}); it is "
                                   f"truncated or corrupt. Delete it to resume from the previous one.") from e
+        if not isinstance(checkpoint, dict) or "rwkv_bone" not in checkpoint:
+            raise CheckpointError(f"{path} is not a training state written by this trainer (no 'rwkv_bone' record); "
+                                  f"resume from a proj_dir/checkpoints/state-epoch*.ckpt file, or use --resume auto.")
+        return checkpoint
 
 
 def state_dir(proj_dir: str | Path) -> Path:
@@ -134,6 +143,19 @@ def list_states(proj_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.name.startswith(STATE_PREFIX) and p.name.endswith(STATE_SUFFIX)]
     return sorted(found, key=lambda p: int(p.name[len(STATE_PREFIX): -len(STATE_SUFFIX)]))
+
+
+def remove_stale_temporaries(proj_dir: str | Path) -> list[Path]:
+    """Delete what writes cut short by a kill left in proj_dir and its checkpoints folder: atomic_path's
+    ".<name>.<random>.tmp" files and DeepSpeed's ".<state>.tmp" folders. Call before a run starts writing."""
+    removed = []
+    for folder in (Path(proj_dir), state_dir(proj_dir)):
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -269,8 +291,9 @@ class RWKVLightningModule(pl.LightningModule):
 
 # ----------------------------------------------------------------------------------------------- callbacks
 class TrainingStateCallback(Callback):
-    """At every epoch end: an atomic training state (keep the last K) for --resume; every `epoch_save`
-    epochs: the adapter file and the resolved config in proj_dir."""
+    """At every epoch end: every `epoch_save` epochs the adapter file and the resolved config in proj_dir,
+    then an atomic training state (keep the last K) for --resume. In this order, a state on disk means its
+    epoch's files are complete: a run killed in between redoes the epoch and writes them again."""
 
     def __init__(self, cfg: TrainConfig, export_adapter: Any):
         self.cfg = cfg
@@ -278,6 +301,8 @@ class TrainingStateCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
+        if epoch % self.cfg.epoch_save == 0 or epoch == self.cfg.epoch_count:
+            self.export_adapter(Path(self.cfg.proj_dir) / f"adapter-epoch{epoch}.safetensors", trainer)
         folder = state_dir(self.cfg.proj_dir)
         final = folder / f"{STATE_PREFIX}{epoch:06d}{STATE_SUFFIX}"
         if "deepspeed" in self.cfg.strategy:
@@ -294,8 +319,6 @@ class TrainingStateCallback(Callback):
         if trainer.is_global_zero:
             for old in list_states(self.cfg.proj_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if epoch % self.cfg.epoch_save == 0 or epoch == self.cfg.epoch_count:
-            self.export_adapter(Path(self.cfg.proj_dir) / f"adapter-epoch{epoch}.safetensors", trainer)
         trainer.strategy.barrier()
 
 
@@ -311,7 +334,9 @@ class MetricsCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
+            text = self.path.read_text()
+            complete = text[: text.rfind("\n") + 1]  # a kill or a full disk mid-append can cut the last line
+            keep = [line for line in complete.splitlines()
                     if line.strip() and json.loads(line)["step"] <= trainer.global_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         self._t0 = time.perf_counter()
@@ -319,10 +344,14 @@ class MetricsCallback(Callback):
 
     def _append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise WriteError(f"could not append to {self.path} ({e}); free some space, then continue with "
+                             f"--resume auto (a cut last line is dropped then).") from e
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -426,7 +455,9 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.grad_clip or None,
         logger=loggers or False, enable_checkpointing=False, use_distributed_sampler=False,
         num_sanity_val_steps=0, log_every_n_steps=cfg.log_every, default_root_dir=str(proj), plugins=plugins,
-        callbacks=[TrainingStateCallback(cfg, export_on_rank0), MetricsCallback(cfg)], enable_model_summary=False,
+        callbacks=[TrainingStateCallback(cfg, export_on_rank0), MetricsCallback(cfg),
+                   NonFiniteGuard(str(state_dir(cfg.proj_dir)), cfg.skip_nonfinite, check_grads=cfg.precision != "fp16")],
+        enable_model_summary=False,
     )
     tokenizer = WorldTokenizer()
     world = trainer.world_size
@@ -442,8 +473,11 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
               f"validation: {data.val.num_samples if data.val is not None else 0} samples")
     lm = RWKVLightningModule(model, cfg, total_steps, base_fp)
     ckpt = resolve_resume(cfg)
-    if ckpt is not None and trainer.is_global_zero:
-        print(f"resuming from {ckpt}")
+    if trainer.is_global_zero:
+        for stale in remove_stale_temporaries(proj):
+            print(f"removed {stale}, left by an interrupted write")
+        if ckpt is not None:
+            print(f"resuming from {ckpt}")
     trainer.fit(lm, loaders.train, loaders.val, ckpt_path=str(ckpt) if ckpt else None)
     export_on_rank0(proj / "adapter-final.safetensors", trainer)
     if trainer.is_global_zero:

@@ -25,7 +25,7 @@ from src.adapters.config import AdapterConfig
 from src.adapters.files import load_adapter_file
 from src.adapters.inject import check_adapter_fits
 from src.adapters.merge import merge_weight, split_adapter_tensors, unmerge_weight
-from src.atomic import atomic_path
+from src.atomic import atomic_path, atomic_save
 from src.checkpoint import load_tensors
 from src.errors import AdapterError, CheckpointError, ConfigError
 
@@ -121,8 +121,7 @@ def _write_pth_spilled(path: Path, names: list[str], produce: Callable[[str], Te
                 out[name] = torch.from_file(str(file), shared=False, size=shape.numel(), dtype=dtype).view(shape)
             else:
                 out[name] = produce(name)
-        with atomic_path(path) as tmp:
-            torch.save(out, tmp)
+        atomic_save(path, lambda tmp: torch.save(out, tmp))
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -84,6 +85,10 @@ def load_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], AdapterConfi
         raise AdapterError(f"{path}: corrupt adapter metadata ({type(e).__name__}: {e}); re-save the adapter.") from e
     if "base_fingerprint" not in meta:
         raise AdapterError(f"{path}: corrupt adapter metadata (no base_fingerprint); re-save the adapter.")
+    not_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if not_finite:
+        raise AdapterError(f"{path}: adapter tensors with NaN/Inf values (not finite): {', '.join(not_finite[:8])}. The "
+                           f"run that wrote it diverged or the file is corrupt; use an earlier adapter-epoch file.")
     return tensors, cfg, meta
 
 

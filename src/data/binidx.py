@@ -240,8 +240,9 @@ class BinIdxDataset:
 class BinIdxWriter:
     """Writes ``prefix.bin``/``prefix.idx`` atomically, one document per sequence (RWKV make_data layout).
 
-    Use as a context manager; on a clean exit the ``.bin`` is renamed into place first, then the ``.idx``.
-    On an exception both temporary files are removed and existing files are left as they were.
+    Use as a context manager; on a clean exit both files are written and fsynced completely, then the ``.idx``
+    is renamed into place, then the ``.bin``. On an exception (a full disk included) both temporary files are
+    removed and existing files are left as they were.
     """
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type = np.uint16) -> None:
@@ -288,17 +289,18 @@ class BinIdxWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack, self._file = self._stack, None, None
+        stack, file, self._stack, self._file = self._stack, self._file, None, None
         if exc_type is not None:
             stack.__exit__(exc_type, exc, tb)
             return
-        stack.close()  # closes and renames the .bin
         sizes = np.asarray(self._sizes, dtype="<i4")  # (num_docs,)
         pointers = np.zeros(len(sizes), dtype="<i8")  # (num_docs,) byte offset of each document
         pointers[1:] = np.cumsum(sizes[:-1], dtype=np.int64) * self.dtype.itemsize
         doc_idx = np.arange(len(sizes) + 1, dtype="<i8")  # (num_docs + 1,) one sequence per document
-        with atomic_path(idx_path(self.prefix)) as tmp_idx:
-            with open(tmp_idx, "wb") as f:
+        with stack:  # leaving it closes and renames the .bin, after the .idx: no failed write touches the old pair
+            file.flush()
+            os.fsync(file.fileno())
+            with atomic_path(idx_path(self.prefix)) as tmp_idx, open(tmp_idx, "wb") as f:
                 f.write(MAGIC)
                 f.write(struct.pack("<QBQQ", VERSION, self._code, len(sizes), len(doc_idx)))
                 f.write(sizes.tobytes())

@@ -202,6 +202,11 @@ class DocumentDataset(KeyedDataset):
         self._order_epoch: int | None = None
         self._order: np.ndarray | None = None
 
+    def docs_with_loss(self) -> int:
+        """Documents with at least one trained target in their ctx_len window."""
+        starts, ends = self.offsets[:-1], np.minimum(self.offsets[1:], self.offsets[:-1] + self.ctx_len + 1)
+        return sum(bool(self.loss_mask[b + 1 : e].any()) for b, e in zip(starts.tolist(), ends.tolist()))
+
     def order(self, epoch: int) -> np.ndarray:
         """Document index of each sample index in ``epoch`` (a permutation of all documents)."""
         if not self.shuffle:
@@ -411,6 +416,9 @@ def _build_documents(
         docs, val_docs = [docs[i] for i in train_ids], [docs[i] for i in val_ids]
     train = DocumentDataset(docs, ctx_len, seed, shuffle=True)
     _check_vocab(train.tokens, vocab_size, data_file)
+    if train.docs_with_loss() == 0:
+        raise DataError(f"{data_file}: no training document has a response token within its first {ctx_len + 1} "
+                        f"tokens, so every sample would train on nothing; raise --ctx_len or shorten the prompts")
     val = None
     if val_docs is not None:
         val = DocumentDataset(val_docs, ctx_len, seed, shuffle=False)
