@@ -413,8 +413,9 @@ def test_fuzz_adapter_loader_loads_faithfully_or_raises_adapter_error(fuzz_adapt
             params = dict(model.named_parameters())
             assert loaded and all(torch.equal(params[k].detach(), v.to(params[k].dtype)) for k, v in loaded.items())
             assert all(torch.isfinite(v).all() for v in loaded.values()), "an adapter with NaN/Inf was accepted"
-            logits = model(torch.tensor([[1, 2, 3, 4]]))
-            assert torch.isfinite(logits).all()
+            # Finite but huge values (a flipped exponent bit) load faithfully and may overflow the logits:
+            # the loader's contract is "exactly what the file holds, or AdapterError", not "a good adapter".
+            assert model(torch.tensor([[1, 2, 3, 4]])).shape == (1, 4, model.cfg.vocab_size)
 
     check()
 
