@@ -19,8 +19,7 @@ run made by the same command is not retrained.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -125,25 +123,13 @@ def tail(path: Path, n: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else ""
 
 
-@functools.cache
-def load_script(name: str, path: Path) -> Any:
-    """Import a script file of this repository as a module (scripts/ is not a package); once per process."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # ----------------------------------------------------------------------------------------------- data and base
 def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
     """The problem sets: generated (demo data, or a small set for --micro), then split into the training
     subset, the validation problems and the test problems."""
     data_dir = work / "data" if args.micro else Path(args.data_dir)
     if not (data_dir / "math_test.jsonl").is_file():
-        make = load_script("make_demo_data", REPO_ROOT / "scripts" / "make_demo_data.py")
+        make = importlib.import_module("scripts.make_demo_data")
         extra = ["--corpus_docs", "4", "--train", "16", "--test", "4"] if args.micro else []
         make.main(["--out", str(data_dir), *extra])
     problems = (data_dir / "math_train.jsonl").read_text().splitlines()
@@ -248,7 +234,7 @@ def evaluate_run(args: argparse.Namespace, base: Path, adapter: Path | None,
     from src.evaluate import PROMPT_FORMAT, evaluate_exact_match
     from src.model import RWKV6
 
-    eval_cli = load_script("eval_cli", REPO_ROOT / "scripts" / "eval.py")
+    eval_cli = importlib.import_module("scripts.eval")
     problems = eval_cli.read_problems(str(data["test"]))[: args.eval_problems]
     model = RWKV6.from_checkpoint(base, adapter=adapter, wkv_backend="torch").eval()
     em = evaluate_exact_match(model, WorldTokenizer(), problems, PROMPT_FORMAT, args.max_new_tokens, progress=False)
@@ -256,7 +242,7 @@ def evaluate_run(args: argparse.Namespace, base: Path, adapter: Path | None,
 
 
 def base_val_loss(base: Path, data: dict[str, Path], ctx_len: int) -> float:
-    eval_cli = load_script("eval_cli", REPO_ROOT / "scripts" / "eval.py")
+    eval_cli = importlib.import_module("scripts.eval")
     from src.model import RWKV6
 
     model = RWKV6.from_checkpoint(base, wkv_backend="torch").eval()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -43,7 +43,6 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -113,17 +112,6 @@ def cuda_build_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def load_script(name: str, path: Path) -> ModuleType:
-    """Import a script file of this repository as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def device_of(dry_run: bool) -> str:
     return "cpu" if dry_run else "cuda"
 
@@ -314,7 +302,7 @@ def section_timing(dry_run: bool) -> SectionResult:
 
 
 def section_train(dry_run: bool) -> SectionResult:
-    bench = load_script("train_step_bench", REPO_ROOT / "scripts" / "bench" / "train_step.py")
+    bench = importlib.import_module("scripts.bench.train_step")
     if dry_run:
         base = bench.StepSpec(method="lora", grad_cp=False, n_layer=2, n_embd=128, vocab=512, ctx=32, batch=1,
                               steps=2, warmup=0, device="cpu", dtype="fp32", wkv_backend="torch", threads=1)
