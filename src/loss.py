@@ -8,11 +8,17 @@ from torch import Tensor
 
 
 class L2Wrap(torch.autograd.Function):
-    """Identity on the loss; in backward adds `factor * max_logit` to the gradient of each position's
-    largest logit (factor = 1e-4 / (B*T)), discouraging logits from drifting up (official RWKV trainer)."""
+    """Identity on a scalar loss; in backward adds `factor * max_logit * grad_output` to the gradient of each
+    position's largest logit (factor = 1e-4 / (B*T)), discouraging logits from drifting up.
+
+    At an upstream gradient of 1 this is the official RWKV trainer's value. Unlike the official version it
+    scales with the upstream gradient, so fp16 loss scaling (and any factor applied to the returned loss)
+    scales it exactly like the cross-entropy gradient."""
 
     @staticmethod
     def forward(ctx, loss: Tensor, logits: Tensor) -> Tensor:  # type: ignore[override]
+        if loss.numel() != 1:
+            raise ValueError(f"L2Wrap expects a scalar loss, got shape {tuple(loss.shape)}.")
         ctx.save_for_backward(logits)
         return loss
 
@@ -21,8 +27,10 @@ class L2Wrap(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         B, T = logits.shape[0], logits.shape[1]
         factor = 1e-4 / (B * T)
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        scale = grad_output.reshape(()).to(compute) * factor  # 0-dim: broadcasts over every position
         maxx, ids = torch.max(logits, -1, keepdim=True)
-        glogits = torch.zeros_like(logits).scatter_(-1, ids, maxx * factor)
+        glogits = torch.zeros_like(logits).scatter_(-1, ids, (maxx.to(compute) * scale).to(logits.dtype))
         return grad_output, glogits
 
 

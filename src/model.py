@@ -211,8 +211,16 @@ class RWKV6(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise for training from scratch, following the spirit of the official x060 scheme:
-        layer-dependent token-shift mixes and decay speeds, small low-rank mixers, zero output projections."""
+        """Initialise for training from scratch exactly as the official x060 trainer does (BlinkDL/RWKV-LM,
+        RWKV-v5/src/model.py: RWKV_Tmix_x060 / RWKV_CMix_x060 `__init__` and RWKV.generate_init_weight).
+
+        With r01 = i / (L - 1), r10 = 1 - i / L for layer i and ddd = c / C for channel c: time-mix
+        time_maa_* = 1 - ddd^r10 (v also - 0.3 r01; r, g use 0.5 r10), channel-mix time_maa_k/r = 1 - ddd^(r10^3);
+        layer-dependent decay speeds and bonus; the low-rank mixers' first matrices (w1) zero and second (w2)
+        uniform(+-0.01); emb uniform(+-1e-4); head orthogonal with gain 0.5 sqrt(V / C) (0.5 when V <= C);
+        att.key/att.gate orthogonal with gain 0.1, att.receptance/att.value/ffn.key gain 1; att.output,
+        ffn.receptance, ffn.value zero; ln_x weight ((i + 1) / L)^0.7. Deterministic given `seed`.
+        """
         gen = torch.Generator().manual_seed(seed)
         cfg = self.cfg
         C, A = cfg.n_embd, cfg.dim_att
@@ -228,10 +236,12 @@ class RWKV6(nn.Module):
 
         uniform_(self.emb.weight, 1e-4)
         ortho_(self.head.weight, 0.5 * math.sqrt(cfg.vocab_size / C) if cfg.vocab_size > C else 0.5)
+        ddd = (torch.arange(C) / C).view(1, 1, C)  # fp32 powers, as the official code computes them
+        n = torch.arange(A, dtype=torch.float64) / max(A - 1, 1)  # decay and bonus in float64, as official
+        zigzag = ((torch.arange(A, dtype=torch.float64) + 1) % 3 - 1) * 0.1
         for i, blk in enumerate(self.blocks):
             r01 = i / max(L - 1, 1)
             r10 = 1.0 - i / L
-            ddd = (torch.arange(C) / C).view(1, 1, C)
             att, ffn = blk.att, blk.ffn
             att.time_maa_x.copy_(1 - ddd**r10)
             att.time_maa_w.copy_(1 - ddd**r10)
@@ -239,22 +249,21 @@ class RWKV6(nn.Module):
             att.time_maa_v.copy_(1 - (ddd**r10 + 0.3 * r01))
             att.time_maa_r.copy_(1 - ddd ** (0.5 * r10))
             att.time_maa_g.copy_(1 - ddd ** (0.5 * r10))
-            uniform_(att.time_maa_w1, 1e-4)
+            att.time_maa_w1.zero_()
             uniform_(att.time_maa_w2, 1e-2)
-            n = torch.arange(A) / max(A - 1, 1)
             att.time_decay.copy_((-6 + 5 * n ** (0.7 + 1.3 * r01)).view(1, 1, A))
-            uniform_(att.time_decay_w1, 1e-4)
+            att.time_decay_w1.zero_()
             uniform_(att.time_decay_w2, 1e-2)
-            bonus = r01 * (1 - n) + ((torch.arange(A) + 1) % 3 - 1) * 0.1
-            att.time_faaaa.copy_(bonus.view(cfg.n_head, cfg.head_size))
-            for lin in (att.receptance, att.key, att.value, att.gate, ffn.key):
-                ortho_(lin.weight, 1.0)
+            att.time_faaaa.copy_((r01 * (1 - n) + zigzag).view(cfg.n_head, cfg.head_size))
+            for lin, gain in ((att.receptance, 1.0), (att.key, 0.1), (att.value, 1.0), (att.gate, 0.1),
+                              (ffn.key, 1.0)):
+                ortho_(lin.weight, gain)
             for lin in (att.output, ffn.receptance, ffn.value):
                 lin.weight.zero_()
-            att.ln_x.weight.copy_(torch.full((A,), ((1 + i) / L) ** 0.7))
+            att.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
             att.ln_x.bias.zero_()
-            ffn.time_maa_k.copy_(1 - ddd**r10)
-            ffn.time_maa_r.copy_(1 - ddd**r10)
+            ffn.time_maa_k.copy_(1 - ddd ** (r10**3))
+            ffn.time_maa_r.copy_(1 - ddd ** (r10**3))
         for m in self.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)

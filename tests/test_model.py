@@ -117,7 +117,8 @@ def test_missing_unexpected_and_misshaped_are_listed_together(tmp_path: Path) ->
     "keys, expect",
     [
         ({"emb.weight": (256, 64), "blocks.0.att.w0": (1, 1, 64), "blocks.0.att.a0": (1, 1, 64)}, "RWKV-7"),
-        ({"emb.weight": (256, 64), "blocks.0.att.time_mix_k": (1, 1, 64), "blocks.0.att.time_faaaa": (4, 16)}, "RWKV-5"),
+        ({"emb.weight": (256, 64), "blocks.0.att.time_mix_k": (1, 1, 64), "blocks.0.att.time_faaaa": (4, 16)},
+         "RWKV-5"),
         ({"emb.weight": (256, 64), "blocks.0.att.time_first": (64,)}, "RWKV-4"),
         ({"transformer.wte.weight": (256, 64), "lm_head.weight": (256, 64)}, "not an RWKV checkpoint"),
         ({"model.emb.weight": (256, 64), "model.blocks.0.ln1.weight": (64,)}, "'model.'"),
@@ -176,3 +177,73 @@ def test_nonpositive_sizes_rejected() -> None:
         RWKV6Config(n_layer=0, n_embd=64, vocab_size=10)
     with pytest.raises(ConfigError, match="head_size"):
         RWKV6Config(n_layer=1, n_embd=96, vocab_size=10, head_size=64)
+
+
+def _official_x060_init(cfg: RWKV6Config) -> dict[str, torch.Tensor]:
+    """The deterministic tensors of the official x060 from-scratch init (BlinkDL/RWKV-LM RWKV-v5/src/model.py,
+    RWKV_Tmix_x060 / RWKV_CMix_x060 `__init__` and generate_init_weight), written out in float64 loops."""
+    C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    out: dict[str, torch.Tensor] = {}
+    for i in range(L):
+        r01, r10 = i / (L - 1), 1.0 - i / L
+        ddd = [c / C for c in range(C)]
+
+        def vec(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float64).view(1, 1, -1)
+
+        p = f"blocks.{i}."
+        for name in ("x", "w", "k"):
+            out[p + f"att.time_maa_{name}"] = vec([1 - d**r10 for d in ddd])
+        out[p + "att.time_maa_v"] = vec([1 - (d**r10 + 0.3 * r01) for d in ddd])
+        for name in ("r", "g"):
+            out[p + f"att.time_maa_{name}"] = vec([1 - d ** (0.5 * r10) for d in ddd])
+        out[p + "att.time_decay"] = vec([-6 + 5 * (n / (A - 1)) ** (0.7 + 1.3 * r01) for n in range(A)])
+        out[p + "att.time_faaaa"] = torch.tensor(
+            [r01 * (1 - n / (A - 1)) + ((n + 1) % 3 - 1) * 0.1 for n in range(A)], dtype=torch.float64
+        ).view(cfg.n_head, cfg.head_size)
+        out[p + "att.ln_x.weight"] = torch.full((A,), ((1 + i) / L) ** 0.7, dtype=torch.float64)
+        for name in ("k", "r"):
+            out[p + f"ffn.time_maa_{name}"] = vec([1 - d ** (r10**3) for d in ddd])
+    return out
+
+
+def test_from_scratch_init_matches_official_x060() -> None:
+    cfg = tiny_config(n_layer=4, n_embd=128, vocab_size=256)
+    model = RWKV6(cfg)
+    model.init_weights(seed=0)
+    sd = dict(model.state_dict())
+
+    # closed forms of every deterministic tensor
+    for name, want in _official_x060_init(cfg).items():
+        torch.testing.assert_close(sd[name].double(), want, rtol=0, atol=1e-6, msg=name)
+    # pinned channel-mix values: layer 2 of 4 (r10 = 1/2), layer 3 (r10 = 1/4); exponent r10**3
+    assert abs(sd["blocks.2.ffn.time_maa_k"][0, 0, 64].item() - 0.08299595679532878) < 1e-6  # 1 - 0.5**0.125
+    assert abs(sd["blocks.3.ffn.time_maa_r"][0, 0, 96].item() - 0.004484944844264205) < 1e-6  # 1 - 0.75**(1/64)
+    assert abs(sd["blocks.1.ffn.time_maa_k"][0, 0, 32].item() - 0.4428066287020538) < 1e-6  # 1 - 0.25**0.421875
+
+    # orthogonal with gain g <=> every singular value equals g
+    gains = {"att.receptance": 1.0, "att.key": 0.1, "att.value": 1.0, "att.gate": 0.1, "ffn.key": 1.0}
+    for i in range(cfg.n_layer):
+        for part, gain in gains.items():
+            sv = torch.linalg.svdvals(sd[f"blocks.{i}.{part}.weight"].double())
+            torch.testing.assert_close(sv, torch.full_like(sv, gain), rtol=0, atol=1e-5, msg=f"{i}.{part}")
+        for part in ("att.output.weight", "ffn.receptance.weight", "ffn.value.weight", "att.time_maa_w1",
+                     "att.time_decay_w1", "att.ln_x.bias", "ln1.bias", "ln2.bias"):
+            assert not sd[f"blocks.{i}.{part}"].any(), f"blocks.{i}.{part} should be zero"
+        for part in ("att.time_maa_w2", "att.time_decay_w2"):
+            t = sd[f"blocks.{i}.{part}"]
+            assert t.abs().max() <= 0.01 and t.abs().max() > 0.009 and t.std() > 0.005, part
+        assert (sd[f"blocks.{i}.ln1.weight"] == 1).all() and (sd[f"blocks.{i}.ln2.weight"] == 1).all()
+    sv = torch.linalg.svdvals(sd["head.weight"].double())
+    torch.testing.assert_close(sv, torch.full_like(sv, 0.5 * (256 / 128) ** 0.5), rtol=0, atol=1e-5)
+    emb = sd["emb.weight"]
+    assert emb.abs().max() <= 1e-4 and emb.abs().max() > 0.9e-4
+    assert (sd["blocks.0.ln0.weight"] == 1).all() and (sd["ln_out.weight"] == 1).all() and not sd["ln_out.bias"].any()
+
+    # deterministic given the seed, different for another seed
+    again = RWKV6(cfg)
+    again.init_weights(seed=0)
+    assert all(torch.equal(t, again.state_dict()[k]) for k, t in sd.items())
+    other = RWKV6(cfg)
+    other.init_weights(seed=1)
+    assert not torch.equal(other.state_dict()["blocks.0.att.key.weight"], sd["blocks.0.att.key.weight"])
