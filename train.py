@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from src.adapters.config import AdapterConfig
-from src.adapters.inject import inject_adapters, parameter_table, save_adapter, set_trainable
+from src.adapters.files import tensor_shapes
+from src.adapters.inject import adapter_state_dict, inject_adapters, parameter_table, save_adapter, set_trainable
 from src.checkpoint import save_tensors
 from src.config import TrainConfig, load_config
 from src.errors import RWKVBoneError
@@ -74,7 +75,10 @@ def run(cfg: TrainConfig) -> int:
     torch.manual_seed(cfg.seed)  # PiSSA's randomised SVD must be identical on resume
     inject_adapters(model, acfg)
     set_trainable(model, acfg)
-    for p in model.parameters():  # trainable tensors train in fp32 (bf16 autocast does the matmuls)
+    # Trainable tensors are fp32. With --strategy auto/ddp they stay fp32 and bf16/fp16 autocast runs the matmuls
+    # over the frozen low-precision base. DeepSpeed casts every parameter to the precision dtype and runs without
+    # autocast; its optimizer keeps the fp32 master copy, which is what the adapter file is written from.
+    for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
     print(parameter_table(model))
@@ -82,18 +86,22 @@ def run(cfg: TrainConfig) -> int:
         return 0
     from src.trainer import fit
 
-    fit(cfg, model, base_fp, export=lambda m, path: export_weights(cfg, acfg, m, path))
+    base_shapes = tensor_shapes(base_state_dict(model))  # read now: ZeRO-3 partitions the parameters later
+    fit(cfg, model, base_fp, export=lambda m, trained, path: export_weights(cfg, acfg, m, trained, path, base_shapes))
     return 0
 
 
-def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, path: Path) -> Path:
-    """Write what the run trained: the adapter file, or (for --peft none) a full x060 checkpoint."""
+def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, trained: dict[str, torch.Tensor], path: Path,
+                   base_shapes: dict[str, tuple[int, ...]]) -> Path:
+    """Write what the run trained from `trained` (fp32 values of the trainable parameters): the adapter file in
+    fp32, or (for --peft none) a full x060 checkpoint in the --precision dtype."""
     if cfg.peft == "none":
         path = path.with_name(path.name.replace("adapter-", "model-"))
         dtype = DTYPES[cfg.precision]  # official checkpoints are bf16; fp32 training keeps fp32
-        save_tensors(path, {k: v.detach().to(dtype) for k, v in base_state_dict(model).items()})
+        save_tensors(path, {k: trained[k].to(dtype) for k in base_shapes})
     else:
-        save_adapter(model, acfg, path)
+        tensors = {k: trained.get(k, v).float() for k, v in adapter_state_dict(model, acfg).items()}
+        save_adapter(tensors, acfg, path, base_shapes=base_shapes)
     return path
 
 

@@ -12,7 +12,6 @@ import random
 import shutil
 import time
 import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,11 @@ from src.loss import L2Wrap, masked_token_loss_sum
 from src.model import RWKV6
 
 CHECKPOINT_DIR = "checkpoints"
+# Settings a resumed run must share with the run it resumes (they decide which samples a step reads), and the
+# schedule settings that may change on resume (the new values apply from the resumed step on).
+RESUME_FIXED = ("micro_bsz", "accumulate_grad_batches", "epoch_steps", "devices", "num_nodes", "data_file",
+                "data_type", "seed")
+RESUME_SCHEDULE = ("lr_init", "lr_final", "lr_schedule", "warmup_steps", "epoch_count")
 STATE_PREFIX = "state-epoch"
 STATE_SUFFIX = ".ckpt"
 
@@ -62,6 +66,13 @@ class LRMultiplier:
     def __call__(self, step: int) -> float:
         lr = lr_at(step, self.lr_init, self.lr_final, self.warmup_steps, self.schedule, self.total_steps)
         return lr / self.lr_init
+
+
+def is_weight_decayed(name: str, param: Tensor) -> bool:
+    """The official RWKV rule: weight decay applies to tensors whose squeezed shape has at least 2 dims, and never
+    to the `time_*` tensors (token-shift mixes, decays, bonus and their low-rank mixers). Adapter matrices (bone,
+    LoRA A/B) and full linear weights are decayed; LayerNorm/GroupNorm vectors are not."""
+    return param.squeeze().dim() >= 2 and not name.rpartition(".")[2].startswith("time_")
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -158,6 +169,41 @@ def remove_stale_temporaries(proj_dir: str | Path) -> list[Path]:
     return removed
 
 
+def replace_folder(src: Path, dest: Path) -> None:
+    """Move folder `src` to `dest`, replacing an existing `dest` (os.replace cannot replace a non-empty folder).
+    The old folder is first renamed to a ".tmp" name that `remove_stale_temporaries` deletes, so a kill at any
+    point leaves either state complete or none under `dest`'s name, never a mixture."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old.tmp")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dest)
+
+
+def supersede_newer_states(proj_dir: str | Path, resumed: Path) -> list[Path]:
+    """When a run resumes from a state that is not the newest, the newer states belong to the abandoned
+    continuation: move them to checkpoints/superseded/ (kept, not deleted) so that a later `--resume auto`
+    cannot pick one of them up instead of the new run's states."""
+    states = list_states(proj_dir)
+    if resumed.resolve() not in [s.resolve() for s in states]:
+        return []
+    newer = states[[s.resolve() for s in states].index(resumed.resolve()) + 1:]
+    moved = []
+    target = state_dir(proj_dir) / "superseded"
+    for s in newer:
+        target.mkdir(exist_ok=True)
+        dest = target / s.name
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(s, dest)
+        moved.append(dest)
+    return moved
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """`--resume auto`: newest complete state in proj_dir or None (fresh start); `--resume PATH`: that path."""
     if cfg.resume is None:
@@ -207,8 +253,19 @@ class RWKVLightningModule(pl.LightningModule):
                 f"(fingerprint {meta['base_fingerprint']} vs {self.base_fp}). Resume with the same base checkpoint, "
                 "or start a new run in another --proj_dir."
             )
+        old = json.loads(meta["config"])
+        refused = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED if old.get(k) != getattr(self.cfg, k)]
+        if refused:
+            raise CheckpointError(
+                "refusing to resume: " + "; ".join(refused) + ". These settings decide which samples each optimizer "
+                "step reads, so the run could not continue where it stopped. Resume with the original values, or start "
+                "a new run in another --proj_dir."
+            )
+        changed = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_SCHEDULE if old.get(k) != getattr(self.cfg, k)]
+        if changed:
+            print("resuming with a changed schedule (" + "; ".join(changed) + "): from the resumed step on, the learning "
+                  "rate follows the new settings.")
         if meta["adapter_fingerprint"] != self.cfg.adapter_fingerprint():
-            old = json.loads(meta["config"])
             diffs = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in
                      ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts", "ctx_len")
                      if old.get(k) != getattr(self.cfg, k)]
@@ -236,21 +293,24 @@ class RWKVLightningModule(pl.LightningModule):
         return None
 
     # -- steps
-    def _loss_scale(self) -> float:
-        """Turns a micro-batch's loss sum into its share of the optimizer step's token mean, undoing the
-        1/accumulate (Lightning, and again DeepSpeed) and 1/world_size (DDP averaging) factors."""
-        scale = float(self.trainer.world_size * self.trainer.accumulate_grad_batches)
-        if "deepspeed" in self.cfg.strategy:
-            scale *= self.trainer.accumulate_grad_batches
-        return scale
+    def _loss_scales(self) -> tuple[float, float]:
+        """(step, engine): multiplying a micro-batch's loss sum / window tokens by both gives its share of the
+        optimizer step's token mean. `step` undoes Lightning's 1/accumulate and DDP's 1/world_size averaging;
+        `engine` undoes DeepSpeed's second 1/accumulate (1 elsewhere). L2Wrap goes between the two, so that
+        its gradient has the same strength under every strategy."""
+        accumulate = self.trainer.accumulate_grad_batches
+        engine = float(accumulate) if "deepspeed" in self.cfg.strategy else 1.0
+        return float(self.trainer.world_size * accumulate), engine
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self.model(batch["input"])  # (B, T, V)
         loss_sum, n_tokens = masked_token_loss_sum(logits, batch["target"], batch["mask"])
-        window_tokens = batch["window_tokens"][0].to(loss_sum.dtype).clamp(min=1.0)
-        loss = loss_sum / window_tokens * self._loss_scale()
+        window_tokens = batch["window_tokens"][0].clamp(min=1).to(loss_sum.dtype)  # int64 count, exact in fp32 < 2^24
+        step_scale, engine_scale = self._loss_scales()
+        loss = loss_sum / window_tokens * step_scale
         if self.cfg.l2wrap:
             loss = L2Wrap.apply(loss, logits)
+        loss = loss * engine_scale
         mean = (loss_sum / n_tokens.clamp(min=1.0)).detach()
         self.log("loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input"].shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
@@ -273,9 +333,9 @@ class RWKVLightningModule(pl.LightningModule):
         self.log("val_loss", val, prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = list(self.trainable_named_parameters().values())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        named = self.trainable_named_parameters()
+        decay = [p for n, p in named.items() if is_weight_decayed(n, p)]
+        no_decay = [p for n, p in named.items() if not is_weight_decayed(n, p)]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         kw = dict(lr=self.cfg.lr_init, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
@@ -287,6 +347,21 @@ class RWKVLightningModule(pl.LightningModule):
             optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **kw)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(self.cfg, self.total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Install this run's LR schedule after any restore: LambdaLR's state holds the multiplier's settings and
+        the optimizer's state the last LR, so a resumed run would otherwise keep the old schedule. For an
+        unchanged configuration this rewrites the same values (resume stays bit-exact)."""
+        if not self.trainer.lr_scheduler_configs:  # a subclass configured an optimizer without a schedule
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        multiplier = LRMultiplier(self.cfg, self.total_steps)
+        scheduler.lr_lambdas = [multiplier] * len(scheduler.lr_lambdas)
+        scheduler.base_lrs = [self.cfg.lr_init] * len(scheduler.base_lrs)
+        lr = self.cfg.lr_init * multiplier(scheduler.last_epoch)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["initial_lr"], group["lr"] = self.cfg.lr_init, lr
+        scheduler._last_lr = [lr] * len(scheduler.base_lrs)
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
@@ -313,7 +388,7 @@ class TrainingStateCallback(Callback):
             trainer.save_checkpoint(tmp, weights_only=False)  # a folder of per-rank shards
             trainer.strategy.barrier()
             if trainer.is_global_zero:
-                os.replace(tmp, final)
+                replace_folder(tmp, final)
         else:
             trainer.save_checkpoint(final, weights_only=False)  # SafeAtomicCheckpointIO: temp + rename on rank 0
         if trainer.is_global_zero:
@@ -401,34 +476,50 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- strategies
 def make_strategy(cfg: TrainConfig) -> Any:
-    """Lightning strategy for --strategy; DeepSpeed variants save only trainable tensors and load safely."""
+    """Lightning strategy for --strategy; DeepSpeed variants save only trainable tensors and load safely.
+
+    Under DeepSpeed with bf16/fp16 every parameter (base and adapter) is cast to that dtype and the model runs
+    without autocast; the optimizer keeps an fp32 master copy of the trainable tensors, and gradients are
+    accumulated across micro-batches in fp32 (`data_types.grad_accum_dtype`)."""
     if not cfg.strategy.startswith("deepspeed"):
         return cfg.strategy
     from src.deepspeed_strategy import SafeDeepSpeedStrategy
 
     stage = int(cfg.strategy.split("_")[2])
     offload = cfg.strategy.endswith("_offload")
-    return SafeDeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
-                                 exclude_frozen_parameters=True)
+    strategy = SafeDeepSpeedStrategy(
+        stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+        exclude_frozen_parameters=True)
+    strategy.config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return strategy
 
 
-def gathered_for_export(model: nn.Module, strategy: Any) -> Any:
-    """Under ZeRO-3 every parameter is partitioned (empty) outside forward/backward, but an export reads whole
-    tensors and base shapes: gather all parameters read-only. A collective: enter it on every rank."""
+def trained_tensors(model: nn.Module, strategy: Any) -> dict[str, Tensor]:
+    """{name: fp32 CPU copy} of every trainable parameter of `model`. Under DeepSpeed the values come from the
+    optimizer's fp32 master copy (the module holds bf16/fp16 copies), gathered one tensor at a time, so ZeRO-3
+    never materialises the whole model on a device. A collective under DeepSpeed: call it on every rank."""
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return {n: p.detach().float().cpu() for n, p in trainable.items()}
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    return nullcontext()
+    out = {}
+    for name, p in trainable.items():
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            raise CheckpointError(f"DeepSpeed holds no fp32 master copy of {name}; cannot export it.")
+        out[name] = full.detach().float().cpu()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- fit
 def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer:
     """Train `model` (adapters injected, trainable tensors marked) per `cfg`, resuming if asked.
 
-    `export(model, path) -> Path` writes the trained tensors (adapter file or full model)."""
+    `export(model, trained, path) -> Path` writes the trained tensors (adapter file or full model); `trained` holds
+    the fp32 values of the trainable parameters (see `trained_tensors`)."""
     from src.data.dataset import build_datasets
     from src.data.loader import make_loaders
     from src.data.tokenizer import WorldTokenizer
@@ -443,11 +534,11 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     plugins = [] if cfg.strategy.startswith("deepspeed") else [SafeAtomicCheckpointIO()]
 
     def export_on_rank0(path: Path, trainer: pl.Trainer) -> None:
-        with gathered_for_export(model, trainer.strategy):
-            if trainer.is_global_zero:
-                written = export(model, path)
-                atomic_write_text(proj / "config.yaml", _config_yaml(cfg))
-                print(f"saved {written}")
+        tensors = trained_tensors(model, trainer.strategy)  # a collective under DeepSpeed
+        if trainer.is_global_zero:
+            written = export(model, tensors, path)
+            atomic_write_text(proj / "config.yaml", _config_yaml(cfg))
+            print(f"saved {written}")
 
     trainer = pl.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=make_strategy(cfg),
@@ -478,6 +569,8 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
             print(f"removed {stale}, left by an interrupted write")
         if ckpt is not None:
             print(f"resuming from {ckpt}")
+            for moved in supersede_newer_states(proj, ckpt):
+                print(f"moved {moved.name} to {moved.parent}: it is newer than the resumed state")
     trainer.fit(lm, loaders.train, loaders.val, ckpt_path=str(ckpt) if ckpt else None)
     export_on_rank0(proj / "adapter-final.safetensors", trainer)
     if trainer.is_global_zero:

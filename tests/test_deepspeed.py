@@ -9,9 +9,7 @@ inspect what it wrote.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import importlib
 import json
 import os
 import pickletools
@@ -29,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from src.deepspeed_strategy import SafeDeepSpeedStrategy, _deepspeed_safe_globals, safe_load
 from src.errors import CheckpointError
+from tests.cpu_deepspeed import CPUSafeDeepSpeedStrategy, cpu_strategy, use_cpu_deepspeed
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = 300  # typical run: ~15 s per stage
@@ -67,39 +66,8 @@ def _samples(n_windows: int, seed: int) -> list[dict[str, torch.Tensor]]:
             mask[: int(torch.randint(1, SEQ_LEN + 1, (1,), generator=g))] = 1.0
             rows.append({"input": x[:-1], "target": x[1:], "mask": mask})
         total = sum(float(r["mask"].sum()) for r in rows)
-        out += [{**r, "window_tokens": torch.tensor(total)} for r in rows]
+        out += [{**r, "window_tokens": torch.tensor(int(total), dtype=torch.int64)} for r in rows]
     return out
-
-
-def _cpu_strategy(stage: int) -> SafeDeepSpeedStrategy:
-    """SafeDeepSpeedStrategy as `make_strategy` builds it, with Lightning's CUDA-only steps replaced. ZeRO-3
-    partitions every tensor here (persistence threshold 0), as it does real-sized ones."""
-    from lightning_fabric.utilities.seed import reset_seed
-    from pytorch_lightning.strategies import DDPStrategy
-
-    class CPUSafeDeepSpeedStrategy(SafeDeepSpeedStrategy):
-        def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's "only supported on CUDA GPUs"
-
-        def setup_distributed(self) -> None:
-            reset_seed()  # as DeepSpeedStrategy, minus the device-index check (CPU devices have no index)
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-
-        def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
-            import deepspeed
-
-            engine, ds_optimizer, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank),  # Lightning passes the CUDA index (None)
-                config=self.config, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
-            return engine, ds_optimizer
-
-    strategy = CPUSafeDeepSpeedStrategy(stage=stage, offload_optimizer=False, offload_parameters=False,
-                                        exclude_frozen_parameters=True)
-    if stage == 3:
-        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    return strategy
 
 
 def _trainable_copy(lm: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
@@ -137,7 +105,7 @@ def _fit(stage: int, proj: Path, epochs: int, resume: Path | None = None, precis
     exported: list[str] = []
     lm = RWKVLightningModule(model, cfg, STEPS_PER_EPOCH * 2, "base-fp")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, strategy=_cpu_strategy(stage), precision=LIGHTNING_PRECISION[precision],
+        accelerator="cpu", devices=1, strategy=cpu_strategy(stage), precision=LIGHTNING_PRECISION[precision],
         max_epochs=epochs, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=str(proj), callbacks=[TrainingStateCallback(cfg, lambda path, tr: exported.append(path.name))],
@@ -211,7 +179,7 @@ def _fit_one_window(stage: int, proj: Path, module_cls: Any) -> dict[str, torch.
     cfg = TrainConfig(strategy=f"deepspeed_stage_{stage}", precision="fp32", accelerator="cpu", micro_bsz=MICRO_BSZ,
                       accumulate_grad_batches=ACCUMULATE, epoch_count=1, grad_clip=0.0, l2wrap=0, proj_dir=str(proj))
     lm = module_cls(_tiny_model(), cfg, 1, "base-fp")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=_cpu_strategy(stage), precision="32-true",
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=cpu_strategy(stage), precision="32-true",
                          max_epochs=1, accumulate_grad_batches=ACCUMULATE, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(proj))
     trainer.fit(lm, DataLoader(_samples(1, seed=1), batch_size=MICRO_BSZ, shuffle=False))
@@ -225,16 +193,17 @@ def _state(proj: Path, epoch: int) -> Path:
 
 def worker(stage: int, out: Path) -> None:
     """Everything the tests inspect for one ZeRO stage, written under `out`."""
-    # DeepSpeed's CPU comm backend JIT-builds a shared-memory all-reduce op (minutes) that only multi-process
-    # CPU runs use; this is one process, so gloo alone is used.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    use_cpu_deepspeed()
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     tensors: dict[str, torch.Tensor] = {}
     straight = _fit(stage, out / "A", epochs=2)
     first = _fit(stage, out / "B", epochs=1)
     resumed = _fit(stage, out / "C", epochs=2, resume=_state(out / "B", 1))
-    for tag, run in (("straight", straight), ("first", first), ("resumed", resumed)):
+    straight_state2 = safe_load(_shard(_state(out / "A", 2), "*optim_states.pt"), "cpu")
+    torch.save(straight_state2, out / "A_state2_optim.pt")
+    rerun = _fit(stage, out / "A", epochs=2, resume=_state(out / "A", 1))  # rewrites the existing epoch-2 state
+    for tag, run in (("straight", straight), ("first", first), ("resumed", resumed), ("rerun", rerun)):
         results[tag] = {k: run[k] for k in ("loss", "global_step", "exported", "partitioned")}
         tensors.update({f"{tag}/{n}": t for n, t in run["params"].items()})
     tensors.update({f"init/model.{n}": p.detach().clone() for n, p in _tiny_model().named_parameters()
@@ -307,7 +276,7 @@ def test_training_runs_and_loss_is_finite(run: dict[str, Any]) -> None:
     res = run["results"]
     assert res["straight"]["global_step"] == 2 * STEPS_PER_EPOCH
     assert res["first"]["global_step"] == STEPS_PER_EPOCH
-    for tag in ("straight", "first", "resumed", "bf16"):
+    for tag in ("straight", "first", "resumed", "rerun", "bf16"):
         assert torch.isfinite(torch.tensor(res[tag]["loss"])), (tag, res[tag])
     init, trained = _group(run["tensors"], "init"), _group(run["tensors"], "straight")
     assert set(trained) == _trainable_names()
@@ -346,6 +315,24 @@ def test_resume_is_bit_exact(run: dict[str, Any]) -> None:
     assert a.keys() == c.keys() and any(k.endswith("/exp_avg_sq") for k in a)
     for key in a:
         assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_state_replaces_the_newer_one(run: dict[str, Any]) -> None:
+    """Resuming epoch 1 in the same proj_dir retrains epoch 2 and writes its state over the existing one
+    (os.replace cannot replace a non-empty folder); the result equals the uninterrupted run's."""
+    res, tensors = run["results"], run["tensors"]
+    assert res["rerun"]["global_step"] == res["straight"]["global_step"]
+    straight, rerun = _group(tensors, "straight"), _group(tensors, "rerun")
+    for name in straight:
+        assert torch.equal(straight[name], rerun[name]), name
+    folder = run["out"] / "A" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["state-epoch000001.ckpt", "state-epoch000002.ckpt"]
+    before = _tensor_leaves(safe_load(run["out"] / "A_state2_optim.pt", "cpu"))
+    after = _tensor_leaves(safe_load(_shard(_state(run["out"] / "A", 2), "*optim_states.pt"), "cpu"))
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
 
 
 @pytest.mark.slow
@@ -404,8 +391,11 @@ def test_cpu_strategy_is_configured_as_make_strategy(stage: int) -> None:
     expected = copy.deepcopy(real.config)
     if stage == 3:
         expected["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    cpu = _cpu_strategy(stage)
+    cpu = cpu_strategy(stage)
     assert cpu.config == expected and cpu.exclude_frozen_parameters
+    assert real.config["data_types"] == {"grad_accum_dtype": "fp32"}
+    own = {n for n, v in vars(CPUSafeDeepSpeedStrategy).items() if callable(v)}
+    assert own == {"setup_environment", "setup_distributed", "_setup_model_and_optimizer"}
 
 
 def test_allowlist_holds_only_data_classes() -> None:

@@ -99,6 +99,30 @@ def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_p
 
 
 @pytest.mark.slow
+def test_resume_applies_a_changed_schedule_and_refuses_a_changed_batch(assets: dict[str, Path], tmp_path: Path) -> None:
+    """LambdaLR's state carries the old schedule's settings: a resume with a new lr/epoch count must follow the
+    new schedule from the resumed step on (and say so), not silently keep the old one."""
+    proj = tmp_path / "p"
+    first = run_train(common_args(assets, proj, epoch_count=1, val_fraction=0.0, warmup_steps=0))
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = max(json.loads(x)["step"] for x in (proj / "metrics.jsonl").read_text().splitlines())
+    refused = run_train(common_args(assets, proj, epoch_count=2, val_fraction=0.0, warmup_steps=0, micro_bsz=1))
+    assert refused.returncode == 2 and "micro_bsz: 2 -> 1" in refused.stderr and "Traceback" not in refused.stderr
+    res = run_train(common_args(assets, proj, epoch_count=2, val_fraction=0.0, warmup_steps=0, lr_init=5e-3,
+                                lr_final=5e-4))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "changed schedule" in res.stdout and "lr_init: 0.01 -> 0.005" in res.stdout
+    assert "epoch_count: 1 -> 2" in res.stdout
+    rows = [json.loads(x) for x in (proj / "metrics.jsonl").read_text().splitlines()]
+    later = {r["step"]: r["lr"] for r in rows if "lr" in r and r["step"] > steps}
+    assert later
+    for step, lr in later.items():  # "lr" is logged before the step's update: the LR of step `step - 1`
+        expected = lr_at(step - 1, lr_init=5e-3, lr_final=5e-4, warmup_steps=0, schedule="cosine",
+                         total_steps=2 * steps)
+        assert lr == pytest.approx(expected, rel=1e-6), (step, lr, expected)
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_match_one_process(assets: dict[str, Path], tmp_path: Path) -> None:
     """2 ranks x micro_bsz 1 and 1 rank x micro_bsz 2 see the same samples per optimizer step and the same
     token-weighted loss, so they must end with the same adapter (up to float summation order)."""

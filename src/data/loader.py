@@ -19,13 +19,15 @@ from src.data.dataset import PAD_INDEX, EpochSampler, KeyedDataset, Sample, Samp
 
 class StepWindowDataset(Dataset):
     """Wraps a KeyedDataset: indices past its end become padding, and every sample gets
-    ``window_tokens`` (float, shape ()): the loss tokens of all G samples of its optimizer step."""
+    ``window_tokens`` (int64, shape ()): the loss tokens of all G samples of its optimizer step. It is an integer
+    on purpose: precision plugins cast every floating tensor of a batch (DeepSpeed's bf16/fp16 would round the
+    count, and fp16 turns 65,520 or more into inf)."""
 
     def __init__(self, base: KeyedDataset, window: int):
         self.base = base
         self.window = window
         self.padded = math.ceil(base.num_samples / window) * window
-        self._cache: dict[tuple[int, int], float] = {}
+        self._cache: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
         return self.padded
@@ -33,18 +35,18 @@ class StepWindowDataset(Dataset):
     def _real(self, epoch: int, index: int) -> SampleKey:
         return SampleKey(epoch, index if 0 <= index < self.base.num_samples else PAD_INDEX)
 
-    def window_tokens(self, epoch: int, window_id: int) -> float:
+    def window_tokens(self, epoch: int, window_id: int) -> int:
         key = (epoch, window_id)
         if key not in self._cache:
             start = window_id * self.window
-            self._cache = {key: float(sum(self.base[self._real(epoch, i)]["mask"].sum().item()
-                                          for i in range(start, start + self.window)))}
+            self._cache = {key: int(sum(int(self.base[self._real(epoch, i)]["mask"].sum().item())
+                                        for i in range(start, start + self.window)))}
         return self._cache[key]
 
     def __getitem__(self, key: SampleKey) -> Sample:
         epoch, index = int(key[0]), int(key[1])
         sample = dict(self.base[self._real(epoch, index)])
-        sample["window_tokens"] = torch.tensor(self.window_tokens(epoch, index // self.window))
+        sample["window_tokens"] = torch.tensor(self.window_tokens(epoch, index // self.window), dtype=torch.int64)
         return sample
 
 
