@@ -12,15 +12,24 @@ Backends:
   cumulative sum is ever subtracted from another (see `_wkv6_torch`).
 - ``cuda``: our kernel in ``cuda/`` (bf16 I/O, fp32 state), JIT-built on first use, one build per
   head size.
-- ``fla``: flash-linear-attention's ``chunk_rwkv6`` (fla >= 0.2, (B, T, H, N) layout).
+- ``fla``: ``chunk_rwkv6`` from flash-linear-attention (module ``fla``) or rwkv-fla (module ``rwkvfla``);
+  the calling convention (token layout, ``head_first``) is read from the installed version's signature
+  on first use (`fla_api`).
+
+Under autocast the torch backend still computes in float32 (see `_wkv6_torch`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib.util
+import importlib
+import importlib.metadata
+import inspect
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +74,16 @@ def wkv6(
 def available_backends(device: torch.device | str = "cuda") -> list[str]:
     """Backends (not "auto") that can run on `device` in this environment."""
     device = torch.device(device)
-    found = ["torch"]
-    if device.type == "cuda" and _cuda_kernel_buildable():
-        found.append("cuda")
-    if device.type == "cuda" and _fla_importable():
-        found.append("fla")
-    return found
+    return [b for b in ("torch", "cuda", "fla") if _usable(b, device)]
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    """Whether `backend` can run on `device`; checks (and imports) only what that backend needs."""
+    if backend == "torch":
+        return True
+    if device.type != "cuda":
+        return False
+    return _cuda_kernel_buildable() if backend == "cuda" else _fla_importable()
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -78,25 +91,33 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name not in BACKENDS:
         raise ConfigError(f"unknown WKV backend {name!r}; choose one of {', '.join(BACKENDS)}.")
-    usable = available_backends(device)
     if name == "auto":
-        return next(b for b in ("cuda", "fla", "torch") if b in usable)
-    if name in usable:
+        return next(b for b in ("cuda", "fla", "torch") if _usable(b, device))
+    if _usable(name, device):
         return name
     if device.type != "cuda":
         why = f"it needs tensors on a CUDA device, got {device}"
     elif name == "cuda":
         why = "it needs a CUDA build of torch and the CUDA toolkit (nvcc, CUDA_HOME) to compile cuda/wkv6.cu"
+    elif not torch.cuda.is_available():
+        why = "it needs a CUDA build of torch and a CUDA GPU"
     else:
-        why = "the `fla` package (flash-linear-attention >= 0.2) is not installed"
-    raise ConfigError(f"WKV backend {name!r} is not available: {why}. Use backend='auto' or 'torch'.")
+        why = str(_fla_resolution())
+    raise _unavailable(name, why)
+
+
+def _unavailable(name: str, why: str) -> ConfigError:
+    return ConfigError(f"WKV backend {name!r} is not available: {why}. Use backend='auto' or 'torch'.")
 
 
 def _log_choice(backend: str, device: torch.device) -> None:
     key = (backend, str(device))
     if key not in _logged_choices:
         _logged_choices.add(key)
-        logger.info("WKV6 backend %s on %s", backend, device)
+        if backend == "fla":
+            logger.info("WKV6 backend fla on %s: %s", device, fla_api().describe())
+        else:
+            logger.info("WKV6 backend %s on %s", backend, device)
 
 
 def _check_shapes(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> None:
@@ -172,7 +193,28 @@ def _intra_chunk_scores(levels: list[Tensor], diag: Tensor) -> Tensor:
     return A.reshape(lead + (L, L))
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for `device`'s type (a no-op for a type that has no autocast)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def _wkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Chunked WKV6 in float32 (float64 for float64 r), whatever autocast is active around it.
+
+    Under autocast the matmuls below would otherwise run in bf16/fp16 and lose three digits in y, the state
+    and every gradient; lower-precision inputs are upcast instead. y comes back in r's dtype, each gradient in
+    its input's dtype (autograd through the casts).
+    """
+    with _autocast_off(r.device):
+        return _wkv6_torch_fp32(r, k, v, w, u, state)
+
+
+def _wkv6_torch_fp32(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Chunked WKV6: intra-chunk pairs through the halving tree, chunks linked by a loop over chunk states."""
     B, T, H, N = r.shape
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -199,7 +241,7 @@ def _wkv6_torch(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Te
     chunk_kv = k_out.transpose(-1, -2) @ vv  # (B, H, nc, N, N)
     S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)
     starts = []
-    for kv_c, d_c in zip(chunk_kv.unbind(2), chunk_decay.transpose(-1, -2).unbind(2)):  # d_c (B, H, N, 1)
+    for kv_c, d_c in zip(chunk_kv.unbind(2), chunk_decay.transpose(-1, -2).unbind(2), strict=True):  # d_c (B, H, N, 1)
         starts.append(S)
         S = d_c * S + kv_c
     y = y + r_in @ torch.stack(starts, 2)  # (B, H, nc, L, N)
@@ -262,7 +304,7 @@ class _WKV6CUDA(torch.autograd.Function):
             r16, k16, v16, w16, u32, s32, gy.to(torch.bfloat16).contiguous(), gs.float().contiguous()
         )
         gr, gk, gv, gw, gu, gs0 = grads
-        return tuple(g.to(dt) for g, dt in zip((gr, gk, gv, gw, gu.sum(0), gs0), ctx.dtypes))
+        return tuple(g.to(dt) for g, dt in zip((gr, gk, gv, gw, gu.sum(0), gs0), ctx.dtypes, strict=True))
 
 
 def _wkv6_cuda(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -277,17 +319,131 @@ def _wkv6_cuda(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Ten
 # --------------------------------------------------------------------------------------------
 
 
+# Where each importable module may come from (distribution names for importlib.metadata).
+_FLA_MODULES = {"fla": ("fla-core", "flash-linear-attention", "rwkv-fla"), "rwkvfla": ("rwkv-fla",)}
+_FLA_NEEDED = (
+    "chunk_rwkv6(r, k, v, w, u, scale=..., initial_state=..., output_final_state=...) from fla.ops.rwkv6 "
+    "(flash-linear-attention / fla-core 0.1 to 0.6, or rwkv-fla, import name rwkvfla)"
+)
+_FLA_INSTALL = "pip install flash-linear-attention (or rwkv-fla) on a machine with triton and a CUDA GPU"
+
+
+@dataclass(frozen=True)
+class FlaAPI:
+    """How to call the installed fla's ``chunk_rwkv6``.
+
+    head_first: lay r, k, v, w and y out as (B, H, T, N) instead of (B, T, H, N). head_first_kwarg: the value
+    to pass as ``head_first=``, or None for versions without that parameter.
+    """
+
+    module: str
+    source: str  # e.g. "fla-core 0.6.0"
+    chunk_rwkv6: Callable[..., tuple[Tensor, Tensor]]
+    head_first: bool
+    head_first_kwarg: bool | None
+
+    def describe(self) -> str:
+        layout = "(B, H, T, N)" if self.head_first else "(B, T, H, N)"
+        return f"{self.source} (module {self.module}), chunk_rwkv6 layout {layout}"
+
+
+def _module_source(name: str, module: ModuleType) -> str:
+    """The distribution and version that installed module `name`, e.g. "rwkv-fla 0.7.202508221413"."""
+    try:
+        owners = importlib.metadata.packages_distributions().get(name, [])
+    except Exception:  # broken metadata must not hide the backend
+        owners = []
+    for dist in [d for d in _FLA_MODULES[name] if d in owners] + list(owners):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"{name} {getattr(module, '__version__', 'of unknown version')}"
+
+
+def _fla_call_convention(fn: Callable, source: str) -> tuple[bool, bool | None]:
+    """(head_first, head_first_kwarg) for this chunk_rwkv6, from its signature; ConfigError if unrecognised.
+
+    Known signatures, by release:
+    - fla from git before 2024-11 and rwkv-fla 0.1 of 2024-09/10: no head_first, no cu_seqlens: (B, H, T, N);
+    - fla 2024-11 to 0.1.2 and rwkv-fla 0.1 of 2024-11/12 to 0.7 of 2025-03: head_first=True by default,
+      (B, H, T, N); we pass the default (rwkv-fla 0.1's head_first=False path raises NameError);
+    - fla 0.2 to 0.4 and rwkv-fla 0.7 since 2025-04: head_first=False by default (True raises), (B, T, H, N);
+    - fla / fla-core 0.5 and 0.6: head_first removed (passing it raises), cu_seqlens and **kwargs, (B, T, H, N).
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot read the signature of chunk_rwkv6 from {source} ({e}); "
+                          f"this trainer needs {_FLA_NEEDED}") from e
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    missing = [n for n in ("scale", "initial_state", "output_final_state") if n not in params]
+    if len(positional) < 5 or missing or list(params).index("scale") < 5:
+        raise ConfigError(
+            f"{source} has chunk_rwkv6{inspect.signature(fn)}, which this trainer does not recognise (missing: "
+            f"{', '.join(missing) or 'five leading r, k, v, w, u parameters'}); it needs {_FLA_NEEDED}"
+        )
+    if "head_first" in params:
+        default = params["head_first"].default
+        if not isinstance(default, bool):
+            raise ConfigError(f"{source} has chunk_rwkv6 with head_first={default!r} by default, expected True "
+                              f"or False; this trainer needs {_FLA_NEEDED}")
+        return default, default
+    seq_first = "cu_seqlens" in params or "offsets" in params
+    seq_first = seq_first or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return not seq_first, None
+
+
 @functools.cache
+def _fla_resolution() -> FlaAPI | ConfigError:
+    """The usable fla API, preferring module ``fla`` over ``rwkvfla``, or the error that says why there is none."""
+    reasons = []
+    for name in _FLA_MODULES:
+        try:
+            package = importlib.import_module(name)
+            fn = importlib.import_module(f"{name}.ops.rwkv6").chunk_rwkv6
+        except Exception as e:  # any import failure (triton, versions, no driver) disables the backend
+            if not (isinstance(e, ModuleNotFoundError) and e.name == name):  # else: simply not installed
+                reasons.append(f"`{name}` is installed but importing {name}.ops.rwkv6.chunk_rwkv6 failed ({e})")
+            continue
+        source = _module_source(name, package)
+        try:
+            head_first, kwarg = _fla_call_convention(fn, source)
+        except ConfigError as e:
+            reasons.append(str(e))
+            continue
+        return FlaAPI(name, source, fn, head_first, kwarg)
+    if not reasons:
+        reasons.append(f"neither `fla` nor `rwkvfla` is installed ({_FLA_INSTALL})")
+    return ConfigError("; ".join(reasons))
+
+
+def fla_api() -> FlaAPI:
+    """The installed fla's calling convention; ConfigError naming the version and what is needed if unusable."""
+    found = _fla_resolution()
+    if isinstance(found, ConfigError):
+        raise _unavailable("fla", str(found))
+    return found
+
+
 def _fla_importable() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("fla") is not None
+    """A CUDA device and an fla (or rwkv-fla) whose chunk_rwkv6 we know how to call."""
+    return torch.cuda.is_available() and not isinstance(_fla_resolution(), ConfigError)
 
 
 def _wkv6_fla(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
-    """fla's chunk_rwkv6 takes the log-decay -exp(w), scales r by 1/sqrt(N) unless scale=1, and keeps
-    its state as (B, H, N_key, N_value) like ours."""
-    from fla.ops.rwkv6 import chunk_rwkv6
-
+    """fla's chunk_rwkv6 takes the log-decay -exp(w), scales r by 1/sqrt(N) unless scale=1, and keeps its
+    state as (B, H, N_key, N_value) like ours; the token layout depends on the version (see `FlaAPI`)."""
+    api = fla_api()
     log_decay = -torch.exp(w.float().clamp(max=_RAW_DECAY_MAX))
+    rr, kk, vv, ww = r, k, v, log_decay  # (B, T, H, N)
+    if api.head_first:
+        rr, kk, vv, ww = (x.transpose(1, 2).contiguous() for x in (rr, kk, vv, ww))  # (B, H, T, N)
+    extra = {} if api.head_first_kwarg is None else {"head_first": api.head_first_kwarg}
     initial = None if state is None else state.float()
-    y, s_out = chunk_rwkv6(r, k, v, log_decay, u, scale=1.0, initial_state=initial, output_final_state=True)
+    y, s_out = api.chunk_rwkv6(
+        rr, kk, vv, ww, u, scale=1.0, initial_state=initial, output_final_state=True, **extra
+    )
+    if api.head_first:
+        y = y.transpose(1, 2)  # (B, T, H, N)
     return y.to(r.dtype), s_out.float()

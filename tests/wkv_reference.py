@@ -22,7 +22,7 @@ def wkv6_loop(
     S = torch.zeros(B, H, N, N, dtype=torch.float64) if state is None else state.double()
     u64 = u.double()
     ys = []
-    for r_t, k_t, v_t, w_t in zip(*(x.double().unbind(1) for x in (r, k, v, w))):  # each (B, H, N)
+    for r_t, k_t, v_t, w_t in zip(*(x.double().unbind(1) for x in (r, k, v, w)), strict=True):  # each (B, H, N)
         kv = k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, N, N)
         ys.append(torch.einsum("bhi,bhij->bhj", r_t, S + u64.unsqueeze(-1) * kv))
         S = torch.exp(-torch.exp(w_t)).unsqueeze(-1) * S + kv
