@@ -19,7 +19,7 @@ from src.errors import ConfigError
 PEFT_METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "none")
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload")
-PRECISIONS = ("bf16", "fp16", "fp32")  # frozen base dtype; trainable tensors stay fp32 under autocast
+PRECISIONS = ("bf16", "fp16", "fp32")  # dtypes per strategy: see make_strategy and the README's table
 DATA_TYPES = ("binidx", "jsonl", "sft")
 LR_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 RUN_OUTPUTS = re.compile(r"(adapter|model)-(epoch\d+|final)\.safetensors|metrics\.jsonl|config\.yaml|loss\.png")
