@@ -11,7 +11,7 @@ from torch import Tensor
 
 from src.data.tokenizer import Tokenizer
 from src.loss import masked_token_loss_sum
-from src.model import RWKV6
+from src.rwkv6 import RWKV6
 
 PROMPT_FORMAT = "User: {prompt}\n\nAssistant:"  # the RWKV World chat format the SFT data is rendered in
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")

@@ -18,7 +18,7 @@ from src.adapters.files import (base_fingerprint, base_summary, describe_base, l
                                 write_adapter_file)
 from src.adapters.lora import LoRALinear
 from src.errors import AdapterError
-from src.model import RWKV6, RWKV6Config, base_state_dict
+from src.rwkv6 import RWKV6, RWKV6Config, base_state_dict
 
 __all__ = ["ADAPTER_TENSOR_SUFFIXES", "inject_adapters", "adapter_parameters", "adapter_state_dict", "set_trainable",
            "save_adapter", "load_adapter_into", "check_adapter_fits", "expected_adapter_shapes",
