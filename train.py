@@ -21,6 +21,8 @@ from src.checkpoint import save_tensors
 from src.config import TrainConfig, load_config
 from src.errors import RWKVBoneError
 from src.model import RWKV6, RWKV6Config, base_state_dict
+from src.run_files import weights_file
+from src.training.fingerprint import base_content_fingerprint
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,13 +66,12 @@ def run(cfg: TrainConfig) -> int:
     """Build, then fit (or only report for --dry_run). Returns the process exit code."""
     import pytorch_lightning as pl
 
-    from src.trainer import base_fingerprint
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     print_config(cfg)
     model = build_model(cfg)
-    base_fp = "" if cfg.dry_run else base_fingerprint(model)
+    base_fp = "" if cfg.dry_run else base_content_fingerprint(model)
     acfg = adapter_config(cfg)
     torch.manual_seed(cfg.seed)  # PiSSA's randomised SVD must be identical on resume
     inject_adapters(model, acfg)
@@ -84,19 +85,19 @@ def run(cfg: TrainConfig) -> int:
     print(parameter_table(model))
     if cfg.dry_run:
         return 0
-    from src.trainer import fit
+    from src.training.fit import fit
 
     base_shapes = tensor_shapes(base_state_dict(model))  # read now: ZeRO-3 partitions the parameters later
-    fit(cfg, model, base_fp, export=lambda m, trained, path: export_weights(cfg, acfg, m, trained, path, base_shapes))
+    fit(cfg, model, base_fp, export=lambda m, trained, tag: export_weights(cfg, acfg, m, trained, tag, base_shapes))
     return 0
 
 
-def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, trained: dict[str, torch.Tensor], path: Path,
+def export_weights(cfg: TrainConfig, acfg: AdapterConfig, model: RWKV6, trained: dict[str, torch.Tensor], tag: str,
                    base_shapes: dict[str, tuple[int, ...]]) -> Path:
     """Write what the run trained from `trained` (fp32 values of the trainable parameters): the adapter file in
     fp32, or (for --peft none) a full x060 checkpoint in the --precision dtype."""
+    path = weights_file(cfg.proj_dir, tag, full_model=cfg.peft == "none")
     if cfg.peft == "none":
-        path = path.with_name(path.name.replace("adapter-", "model-"))
         dtype = DTYPES[cfg.precision]  # official checkpoints are bf16; fp32 training keeps fp32
         save_tensors(path, {k: trained[k].to(dtype) for k in base_shapes})
     else:

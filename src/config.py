@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -15,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from src.errors import ConfigError
+from src.run_files import is_run_output
 
 PEFT_METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "none")
 STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
@@ -22,13 +22,6 @@ STRATEGIES = ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspee
 PRECISIONS = ("bf16", "fp16", "fp32")  # dtypes per strategy: see make_strategy and the README's table
 DATA_TYPES = ("binidx", "jsonl", "sft")
 LR_SCHEDULES = ("cosine", "linear", "exponential", "constant")
-RUN_OUTPUTS = re.compile(r"(adapter|model)-(epoch\d+|final)\.safetensors|metrics\.jsonl|config\.yaml|loss\.png")
-
-
-def is_run_output(path: Path, proj_dir: Path) -> bool:
-    """Whether `path` is one of the files a run writes into proj_dir (or its checkpoints folder)."""
-    path, proj = path.resolve(), proj_dir.resolve()
-    return path.parent == proj / "checkpoints" or (path.parent == proj and RUN_OUTPUTS.fullmatch(path.name) is not None)
 
 
 @dataclass

@@ -14,8 +14,8 @@ import torch
 
 from src.adapters.inject import load_adapter_into
 from src.errors import ConfigError
-from src.rwkv6 import LayerState, RWKV6Config, base_state_dict
 from src.rwkv6 import RWKV6 as RWKV6Architecture
+from src.rwkv6 import LayerState, RWKV6Config, base_state_dict
 
 __all__ = ["RWKV6", "RWKV6Config", "LayerState", "base_state_dict"]
 

@@ -1,5 +1,5 @@
 """DeepSpeed on CPU for tests: a subclass of SafeDeepSpeedStrategy that lifts Lightning's CUDA-only steps and
-nothing else, and a switch that makes `src.trainer.make_strategy` (and so `train.py`) build it. Use it only in
+nothing else, and a switch that makes `src.training.strategy.make_strategy` (and so `train.py`) build it. Use it only in
 a subprocess (DeepSpeed keeps global state and picks its accelerator once per process)."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import importlib
 from typing import Any
 
-import src.deepspeed_strategy as ds_module
+import src.training.deepspeed as ds_module
 from src.config import TrainConfig
-from src.deepspeed_strategy import SafeDeepSpeedStrategy
+from src.training.deepspeed import SafeDeepSpeedStrategy
 
 
 class CPUSafeDeepSpeedStrategy(SafeDeepSpeedStrategy):
@@ -57,7 +57,7 @@ def use_cpu_deepspeed() -> None:
 def cpu_strategy(stage: int) -> SafeDeepSpeedStrategy:
     """The strategy make_strategy builds for --strategy deepspeed_stage_{stage}, CPU-capable (the switch is
     undone before returning, so this is safe in the pytest process)."""
-    from src.trainer import make_strategy
+    from src.training.strategy import make_strategy
 
     saved = ds_module.SafeDeepSpeedStrategy
     ds_module.SafeDeepSpeedStrategy = _CPUStrategyForMake  # type: ignore[misc]

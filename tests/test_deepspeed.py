@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from src.deepspeed_strategy import SafeDeepSpeedStrategy, _deepspeed_safe_globals, safe_load
 from src.errors import CheckpointError
+from src.run_files import weights_file
+from src.training.deepspeed import SafeDeepSpeedStrategy, _deepspeed_safe_globals, safe_load
 from tests.cpu_deepspeed import CPUSafeDeepSpeedStrategy, cpu_strategy, use_cpu_deepspeed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,12 +85,14 @@ def _trainable_copy(lm: torch.nn.Module, stage: int) -> dict[str, torch.Tensor]:
 
 def _fit(stage: int, proj: Path, epochs: int, resume: Path | None = None, precision: str = "fp32",
          extra_trainable: tuple[str, ...] = ()) -> dict[str, Any]:
-    """One `trainer.fit` like src.trainer.fit, with the real module and training-state callback. When resuming,
+    """One `trainer.fit` like src.training.fit.fit, with the real module and training-state callback. When resuming,
     the trainable tensors start as constants, so that only a real restore gives the uninterrupted run's result."""
     import pytorch_lightning as pl
 
     from src.config import TrainConfig
-    from src.trainer import LIGHTNING_PRECISION, RWKVLightningModule, TrainingStateCallback
+    from src.training.callbacks import TrainingStateCallback
+    from src.training.module import RWKVLightningModule
+    from src.training.strategy import LIGHTNING_PRECISION
 
     cfg = TrainConfig(strategy=f"deepspeed_stage_{stage}", precision=precision, accelerator="cpu", micro_bsz=MICRO_BSZ,
                       accumulate_grad_batches=ACCUMULATE, epoch_count=epochs, lr_init=1e-2, lr_final=1e-3,
@@ -108,7 +111,7 @@ def _fit(stage: int, proj: Path, epochs: int, resume: Path | None = None, precis
         accelerator="cpu", devices=1, strategy=cpu_strategy(stage), precision=LIGHTNING_PRECISION[precision],
         max_epochs=epochs, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=str(proj), callbacks=[TrainingStateCallback(cfg, lambda path, tr: exported.append(path.name))],
+        default_root_dir=str(proj), callbacks=[TrainingStateCallback(cfg, lambda tag, tr: exported.append(weights_file(proj, tag).name))],
     )
     loader = DataLoader(_samples(STEPS_PER_EPOCH, seed=1), batch_size=MICRO_BSZ, shuffle=False)
     trainer.fit(lm, loader, ckpt_path=str(resume) if resume else None)
@@ -150,7 +153,7 @@ def _grad_check(stage: int, proj: Path) -> dict[str, torch.Tensor]:
     """One optimizer step of plain SGD (lr 1) over one accumulation window: the update is minus the gradient
     the trainer produced. Reference: the plain-torch gradient of the window's token-weighted mean loss."""
     from src.loss import masked_token_loss_sum
-    from src.trainer import RWKVLightningModule
+    from src.training.module import RWKVLightningModule
 
     class SGDModule(RWKVLightningModule):
         def configure_optimizers(self) -> Any:
@@ -384,7 +387,7 @@ def test_zero3_leaves_parameters_partitioned_after_fit(run: dict[str, Any]) -> N
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_cpu_strategy_is_configured_as_make_strategy(stage: int) -> None:
     from src.config import TrainConfig
-    from src.trainer import make_strategy
+    from src.training.strategy import make_strategy
 
     real = make_strategy(TrainConfig(strategy=f"deepspeed_stage_{stage}"))
     assert type(real) is SafeDeepSpeedStrategy and real.exclude_frozen_parameters

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from src.adapters import AdapterConfig, inject_adapters, merge_checkpoint_file, save_adapter
-from src.evaluate import (PROMPT_FORMAT, evaluate_exact_match, evaluate_loss, exact_match, extract_answer, generate,
-                          normalize_number)
+from src.evaluate import (
+    PROMPT_FORMAT,
+    evaluate_exact_match,
+    evaluate_loss,
+    exact_match,
+    extract_answer,
+    generate,
+    normalize_number,
+)
 from src.loss import masked_token_loss_sum
 from src.model import RWKV6
 from tests.tiny import tiny_config, tiny_state_dict

@@ -33,7 +33,7 @@ from src.data.dataset import build_datasets
 from src.data.tokenizer import WorldTokenizer
 from src.errors import AdapterError, CheckpointError, RWKVBoneError
 from src.model import RWKV6, base_state_dict
-from src.trainer import SafeAtomicCheckpointIO
+from src.training.states import SafeAtomicCheckpointIO
 from tests.tiny import tiny_config, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

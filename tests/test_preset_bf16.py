@@ -57,7 +57,7 @@ def preset_args(out: Path, proj: Path, **over: Any) -> list[str]:
 def _capture_first_step(proj: Path) -> None:
     """Instrument the real module: at the first optimizer step write the full accumulated fp32 gradient of every
     trainable tensor (DeepSpeed: `safe_get_full_grad`, a collective) and the dtypes the step ran in."""
-    from src.trainer import RWKVLightningModule
+    from src.training.module import RWKVLightningModule
 
     def on_before_optimizer_step(self: RWKVLightningModule, optimizer: Any) -> None:
         if self.trainer.global_step != 0:

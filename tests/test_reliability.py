@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-import src.trainer
+import src.training.fit
 import train
 from src.adapters.config import AdapterConfig
 from src.adapters.export import merge_checkpoint_file
@@ -37,9 +37,11 @@ from src.checkpoint import save_tensors
 from src.config import TrainConfig
 from src.data.binidx import BinIdxDataset, BinIdxWriter
 from src.errors import RWKVBoneError
-from src.health import NonFiniteGuard, NonFiniteLossError
 from src.model import RWKV6
-from src.trainer import MetricsCallback, RWKVLightningModule, SafeAtomicCheckpointIO
+from src.training.callbacks import MetricsCallback
+from src.training.health import NonFiniteGuard, NonFiniteLossError
+from src.training.module import RWKVLightningModule
+from src.training.states import SafeAtomicCheckpointIO
 from tests.tiny import tiny_config, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,7 +443,7 @@ def test_train_py_stops_on_nan_and_keeps_the_last_good_state(assets: dict[str, P
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     real_trainer, real_step = pl.Trainer, RWKVLightningModule.training_step
 
-    def guarded_trainer(*args: object, **kw: object) -> pl.Trainer:  # until src/trainer.py adds the guard itself
+    def guarded_trainer(*args: object, **kw: object) -> pl.Trainer:
         callbacks = list(kw["callbacks"])  # type: ignore[call-overload]
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard(str(tmp_path / "p" / "checkpoints")))
@@ -451,7 +453,7 @@ def test_train_py_stops_on_nan_and_keeps_the_last_good_state(assets: dict[str, P
         loss = real_step(self, batch, batch_idx)
         return loss * float("nan") if self.trainer.global_step == 4 else loss  # optimizer step 5, in epoch 2
 
-    monkeypatch.setattr(src.trainer.pl, "Trainer", guarded_trainer)
+    monkeypatch.setattr(src.training.fit.pl, "Trainer", guarded_trainer)
     monkeypatch.setattr(RWKVLightningModule, "training_step", poisoned_step)
     proj = tmp_path / "p"
     args = train_args(assets, proj, epoch_count=3)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import train
 from src.config import load_config
 from src.errors import ConfigError
-from src.trainer import lr_at
+from src.training.optimizer import lr_at
 from tests.tiny import tiny_config, tiny_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

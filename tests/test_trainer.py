@@ -12,7 +12,9 @@ from pytorch_lightning.plugins.precision import DeepSpeedPrecision
 from src.config import TrainConfig
 from src.data.dataset import KeyedDataset, SampleKey
 from src.data.loader import StepWindowDataset
-from src.trainer import RWKVLightningModule, is_weight_decayed, replace_folder, supersede_newer_states
+from src.training.module import RWKVLightningModule
+from src.training.optimizer import is_weight_decayed
+from src.training.states import replace_folder, supersede_newer_states
 from tests.tiny import tiny_config
 
 

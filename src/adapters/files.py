@@ -20,7 +20,7 @@ FORMAT = "rwkv6-adapter"
 FORMAT_VERSION = 1
 
 
-def base_fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
+def base_shape_fingerprint(shapes: Mapping[str, Sequence[int]]) -> str:
     """A short hash of a base model's sorted (tensor name, shape) list."""
     listing = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
@@ -47,7 +47,7 @@ def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], cfg: Ada
     if path.suffix != ".safetensors":
         raise AdapterError(f"{path}: adapter files are .safetensors; use a name ending in .safetensors.")
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), **cfg.to_metadata(),
-            "base_fingerprint": base_fingerprint(base_shapes), **base_summary(base_shapes)}
+            "base_fingerprint": base_shape_fingerprint(base_shapes), **base_summary(base_shapes)}
     save_tensors(path, dict(tensors), metadata=meta)
 
 

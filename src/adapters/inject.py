@@ -12,10 +12,22 @@ import torch
 from torch import Tensor, nn
 
 from src.adapters.bone import BoneLinear
-from src.adapters.config import (ADAPTER_TENSOR_SUFFIXES, BONE_METHODS, FROZEN_SUFFIXES, PROJECTIONS,
-                                 TRAINABLE_SUFFIXES, AdapterConfig)
-from src.adapters.files import (base_fingerprint, base_summary, describe_base, load_adapter_file, tensor_shapes,
-                                write_adapter_file)
+from src.adapters.config import (
+    ADAPTER_TENSOR_SUFFIXES,
+    BONE_METHODS,
+    FROZEN_SUFFIXES,
+    PROJECTIONS,
+    TRAINABLE_SUFFIXES,
+    AdapterConfig,
+)
+from src.adapters.files import (
+    base_shape_fingerprint,
+    base_summary,
+    describe_base,
+    load_adapter_file,
+    tensor_shapes,
+    write_adapter_file,
+)
 from src.adapters.lora import LoRALinear
 from src.errors import AdapterError
 from src.rwkv6 import RWKV6, RWKV6Config, base_state_dict
@@ -159,7 +171,7 @@ def check_adapter_fits(tensors: Mapping[str, Tensor], cfg: AdapterConfig, meta: 
                        base_shapes: Mapping[str, Sequence[int]], source: str) -> None:
     """AdapterError unless the adapter file (tensors, cfg, meta) was made for a base with these shapes and its
     tensors are exactly those cfg gives on it."""
-    fingerprint = base_fingerprint(base_shapes)
+    fingerprint = base_shape_fingerprint(base_shapes)
     if meta["base_fingerprint"] != fingerprint:
         raise AdapterError(f"{source} was trained on a different base model ({describe_base(meta)}; fingerprint "
                            f"{meta['base_fingerprint']}) than this one ({describe_base(base_summary(base_shapes))}; "

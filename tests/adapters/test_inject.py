@@ -7,7 +7,7 @@ import torch
 
 from src.adapters.bone import BoneLinear
 from src.adapters.config import PROJECTIONS, AdapterConfig
-from src.adapters.inject import (adapter_parameters, count_adapter_parameters, inject_adapters, parameter_table)
+from src.adapters.inject import adapter_parameters, count_adapter_parameters, inject_adapters, parameter_table
 from src.adapters.lora import LoRALinear
 from src.errors import AdapterError, ConfigError
 from src.model import RWKV6, RWKV6Config, base_state_dict

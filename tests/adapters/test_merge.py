@@ -20,8 +20,16 @@ from src.adapters.merge import merge_state_dict, unmerge_state_dict
 from src.checkpoint import save_tensors
 from src.errors import AdapterError
 from src.model import RWKV6
-from tests.adapters.reference import (ALL_METHOD_CONFIGS, adapted_model, config_id, naive_block_affine, naive_lora,
-                                      rel_err, tiny_base, tiny_model)
+from tests.adapters.reference import (
+    ALL_METHOD_CONFIGS,
+    adapted_model,
+    config_id,
+    naive_block_affine,
+    naive_lora,
+    rel_err,
+    tiny_base,
+    tiny_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = [5, 17, 200, 3, 99, 42, 0, 7, 130, 255, 1, 64, 12, 88]

@@ -1,0 +1,67 @@
+"""Every file a training run writes into --proj_dir, by name: the one place that knows them. Everything else
+(the trainer, config validation, scripts, tests) asks here.
+
+    proj_dir/
+      adapter-epoch{N}.safetensors, adapter-final.safetensors   the adapter (model-*.safetensors for --peft none)
+      config.yaml                                               the resolved configuration
+      metrics.jsonl, loss.png                                   per-step metrics and the loss curve
+      checkpoints/state-epoch{N:06d}.ckpt                       training states for --resume
+      checkpoints/superseded/                                   states set aside by a resume from an older one
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CHECKPOINT_DIR = "checkpoints"
+SUPERSEDED_DIR = "superseded"
+STATE_PREFIX = "state-epoch"
+STATE_SUFFIX = ".ckpt"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+FINAL_TAG = "final"
+_OUTPUTS = re.compile(r"(adapter|model)-(epoch\d+|final)\.safetensors|metrics\.jsonl|config\.yaml|loss\.png")
+
+
+def weights_file(proj_dir: str | Path, tag: str, full_model: bool = False) -> Path:
+    """adapter-{tag}.safetensors (model-{tag}.safetensors for full training); tag "epoch{N}" or "final"."""
+    return Path(proj_dir) / f"{'model' if full_model else 'adapter'}-{tag}.safetensors"
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch{epoch}"
+
+
+def state_dir(proj_dir: str | Path) -> Path:
+    return Path(proj_dir) / CHECKPOINT_DIR
+
+
+def state_path(proj_dir: str | Path, epoch: int) -> Path:
+    return state_dir(proj_dir) / f"{STATE_PREFIX}{epoch:06d}{STATE_SUFFIX}"
+
+
+def state_epoch(path: Path) -> int | None:
+    """The epoch of a training-state name, or None when it is not one."""
+    name = path.name
+    if name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX) and name[len(STATE_PREFIX):-len(STATE_SUFFIX)].isdigit():
+        return int(name[len(STATE_PREFIX):-len(STATE_SUFFIX)])
+    return None
+
+
+def config_path(proj_dir: str | Path) -> Path:
+    return Path(proj_dir) / CONFIG
+
+
+def metrics_path(proj_dir: str | Path) -> Path:
+    return Path(proj_dir) / METRICS
+
+
+def loss_plot_path(proj_dir: str | Path) -> Path:
+    return Path(proj_dir) / LOSS_PLOT
+
+
+def is_run_output(path: Path, proj_dir: Path) -> bool:
+    """Whether `path` is one of the files a run writes into proj_dir (or its checkpoints folder)."""
+    path, proj = path.resolve(), proj_dir.resolve()
+    return path.parent == state_dir(proj) or (path.parent == proj and _OUTPUTS.fullmatch(path.name) is not None)

@@ -1,0 +1,101 @@
+"""Lightning callbacks: the training state (and adapter export) at every epoch end, and the metrics log."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from src.atomic import atomic_write_text
+from src.config import TrainConfig
+from src.errors import WriteError
+from src.run_files import epoch_tag, metrics_path, state_path
+from src.training.states import list_states, replace_folder
+
+
+class TrainingStateCallback(Callback):
+    """At every epoch end: every `epoch_save` epochs the adapter file and the resolved config in proj_dir,
+    then an atomic training state (keep the last K) for --resume. In this order, a state on disk means its
+    epoch's files are complete: a run killed in between redoes the epoch and writes them again."""
+
+    def __init__(self, cfg: TrainConfig, export_adapter: Any):
+        self.cfg = cfg
+        self.export_adapter = export_adapter  # callable(tag: str, trainer) -> None; a collective under DeepSpeed
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.cfg.epoch_save == 0 or epoch == self.cfg.epoch_count:
+            self.export_adapter(epoch_tag(epoch), trainer)
+        final = state_path(self.cfg.proj_dir, epoch)
+        folder = final.parent
+        if "deepspeed" in self.cfg.strategy:
+            tmp = folder / f".{final.name}.tmp"
+            if trainer.is_global_zero and tmp.exists():
+                shutil.rmtree(tmp)
+            trainer.strategy.barrier()
+            trainer.save_checkpoint(tmp, weights_only=False)  # a folder of per-rank shards
+            trainer.strategy.barrier()
+            if trainer.is_global_zero:
+                replace_folder(tmp, final)
+        else:
+            trainer.save_checkpoint(final, weights_only=False)  # SafeAtomicCheckpointIO: temp + rename on rank 0
+        if trainer.is_global_zero:
+            for old in list_states(self.cfg.proj_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        trainer.strategy.barrier()
+
+
+class MetricsCallback(Callback):
+    """Appends one JSON line per optimizer step (loss, lr, tokens/s) and per validation to
+    proj_dir/metrics.jsonl (rank 0); on resume, rows after the resumed step are dropped first."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.path = metrics_path(cfg.proj_dir)
+        self.every = cfg.log_every
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.path.exists():
+            text = self.path.read_text()
+            complete = text[: text.rfind("\n") + 1]  # a kill or a full disk mid-append can cut the last line
+            keep = [line for line in complete.splitlines()
+                    if line.strip() and json.loads(line)["step"] <= trainer.global_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def _append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise WriteError(f"could not append to {self.path} ({e}); free some space, then continue with "
+                             f"--resume auto (a cut last line is dropped then).") from e
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._tokens += int(batch["input"].numel()) * trainer.world_size
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        elapsed = time.perf_counter() - self._t0
+        tps = self._tokens / max(elapsed, 1e-9)
+        pl_module.log("tok/s", tps, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            m = trainer.callback_metrics
+            self._append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                          "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps})
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+            self._append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                          "val_loss": float(trainer.callback_metrics["val_loss"])})
