@@ -16,21 +16,16 @@ import torch
 
 from src.adapters.config import AdapterConfig
 from src.adapters.files import tensor_shapes
-from src.adapters.inject import adapter_state_dict, inject_adapters, parameter_table, save_adapter, set_trainable
+from src.adapters.inject import adapter_state_dict, inject_adapters, parameter_table, save_adapter
 from src.checkpoint import save_tensors
 from src.config import TrainConfig, load_config
 from src.errors import RWKVBoneError
 from src.model import RWKV6, RWKV6Config, base_state_dict
 from src.run_files import weights_file
 from src.training.fingerprint import base_content_fingerprint
+from src.wkv import resolve_backend
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def adapter_config(cfg: TrainConfig) -> AdapterConfig:
-    return AdapterConfig(method=cfg.peft, b=cfg.bone_b, grouping=cfg.bone_grouping, lora_r=cfg.lora_r,
-                         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, targets=list(cfg.adapter_targets),
-                         train_parts=list(cfg.train_parts))
 
 
 def build_model(cfg: TrainConfig) -> RWKV6:
@@ -58,6 +53,15 @@ def build_model(cfg: TrainConfig) -> RWKV6:
     return model
 
 
+def training_device(cfg: TrainConfig) -> str:
+    """The device type the run's model will live on ("cuda" or "cpu"), as Lightning picks it."""
+    if cfg.accelerator == "cpu":
+        return "cpu"
+    if cfg.accelerator in ("gpu", "cuda"):
+        return "cuda"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def print_config(cfg: TrainConfig) -> None:
     print("config:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
 
@@ -66,16 +70,16 @@ def run(cfg: TrainConfig) -> int:
     """Build, then fit (or only report for --dry_run). Returns the process exit code."""
     import pytorch_lightning as pl
 
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     print_config(cfg)
+    if not cfg.dry_run:  # a WKV backend this machine cannot run fails now, not after the data has loaded
+        resolve_backend(cfg.wkv_backend, training_device(cfg))
     model = build_model(cfg)
     base_fp = "" if cfg.dry_run else base_content_fingerprint(model)
-    acfg = adapter_config(cfg)
+    acfg = cfg.adapter
     torch.manual_seed(cfg.seed)  # PiSSA's randomised SVD must be identical on resume
     inject_adapters(model, acfg)
-    set_trainable(model, acfg)
     # Trainable tensors are fp32. With --strategy auto/ddp they stay fp32 and bf16/fp16 autocast runs the matmuls
     # over the frozen low-precision base. DeepSpeed casts every parameter to the precision dtype and runs without
     # autocast; its optimizer keeps the fp32 master copy, which is what the adapter file is written from.

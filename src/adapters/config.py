@@ -8,7 +8,6 @@ from src.errors import ConfigError
 
 METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "none")
 BONE_METHODS = ("bone", "bone_unconstrained", "bone_hadamard")
-LORA_METHODS = ("lora", "pissa")
 GROUPINGS = ("row", "col")
 PARTS = ("att", "ffn")
 # The eight nn.Linear projections of an RWKV6 block, as "<part>.<name>".
@@ -53,22 +52,22 @@ class AdapterConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "train_parts", tuple(self.train_parts))
         if self.method not in METHODS:
-            raise ConfigError(f"adapter method {self.method!r} is unknown; use one of {', '.join(METHODS)}.")
+            raise ConfigError(f"adapter method (--peft) {self.method!r} is unknown; use one of {', '.join(METHODS)}.")
         if self.grouping not in GROUPINGS:
-            raise ConfigError(f"adapter grouping {self.grouping!r} is unknown; use 'row' (one bone per input block) "
+            raise ConfigError(f"adapter grouping (--bone_grouping) {self.grouping!r} is unknown; use 'row' (one bone per input block) "
                               f"or 'col' (one bone per output block).")
         if not isinstance(self.b, int) or self.b <= 0:
-            raise ConfigError(f"adapter b (Bone block size) must be a positive integer, got {self.b!r}; the paper uses 64.")
+            raise ConfigError(f"Bone block size b (--bone_b) must be a positive integer, got {self.b!r}; the paper uses 64.")
         if not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r!r}; r=32 matches Bone b=64 on RWKV6.")
+            raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}; r=32 matches Bone b=64 on RWKV6.")
         if self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}; lora_alpha = lora_r gives scaling 1.")
+            raise ConfigError(f"--lora_alpha must be positive, got {self.lora_alpha!r}; lora_alpha = lora_r gives scaling 1.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         valid_targets = PARTS + PROJECTIONS
         bad = [t for t in self.targets if t not in valid_targets]
         if bad:
-            raise ConfigError(f"adapter targets {bad} are unknown; use parts {list(PARTS)} or projections {list(PROJECTIONS)}.")
+            raise ConfigError(f"adapter targets (--adapter_targets) {bad} are unknown; use parts {list(PARTS)} or projections {list(PROJECTIONS)}.")
         if self.method != "none" and not self.targets:
             raise ConfigError(f"adapter method {self.method!r} needs at least one target; use e.g. targets: [att, ffn].")
         if self.method == "none" and self.train_parts:
@@ -76,7 +75,7 @@ class AdapterConfig:
                               "applies with an adapter method.")
         bad = [p for p in self.train_parts if p not in TRAIN_PARTS]
         if bad:
-            raise ConfigError(f"train_parts {bad} are unknown; use any of {list(TRAIN_PARTS)} or none.")
+            raise ConfigError(f"--train_parts {bad} are unknown; use any of {list(TRAIN_PARTS)} or none.")
 
     @property
     def lora_scaling(self) -> float:
