@@ -5,8 +5,11 @@ wrapper, not RWKV at all).
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -19,19 +22,42 @@ from src.errors import CheckpointError
 TENSOR_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-def _check_readable(path: Path) -> None:
+def _check_readable(path: Path, what: str) -> None:
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file. Check the path (a .pth or .safetensors file).")
+        raise CheckpointError(f"{path}: no such file. Check the path to the {what}.")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file. Pass the .pth or .safetensors file inside it.")
+        raise CheckpointError(f"{path} is a folder, not a {what} file.")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely. Re-download or re-save it.")
+        raise CheckpointError(f"{path} is empty (0 bytes): the {what} was not written completely.")
 
 
-def _check_torch_zip(path: Path) -> None:
+def safe_torch_load(path: str | Path, *, what: str = "checkpoint", fix: str = "re-download or re-save it",
+                    allowed_globals: Sequence[Any] = (), map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """THE way this project reads a torch.save file: weights_only=True (plus `allowed_globals`, plain data
+    classes), so a file can never run code. Every failure is a CheckpointError naming the file and the `what`:
+    missing, empty, not a torch zip archive or unreadable ("truncated or corrupt ... {fix}"), or holding other
+    Python objects ("refused to load ... could run code")."""
+    path = Path(path)
+    _check_readable(path, what)
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file is not "
-                              f"one). It is truncated or corrupt: re-download or re-save it.")
+        raise CheckpointError(f"{path}: cannot read this {what} (not a torch.save zip archive); it is truncated or "
+                              f"corrupt: {fix}.")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = re.search(r"(Unsupported global: GLOBAL [\w.]+)", str(e))
+        reason = detail.group(1) if detail else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load this {what} ({reason}). It holds Python objects other than tensors and plain "
+            f"data, and loading them could run code. Only load files you trust, written by this trainer or "
+            f"converted to a plain state dict or .safetensors with a trusted tool."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read this {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); it is "
+            f"truncated or corrupt: {fix}."
+        ) from e
 
 
 def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -42,28 +68,15 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor
     build anything but tensors (which would run code), and for a file that is not a flat tensor dict.
     """
     path = Path(path)
-    _check_readable(path)
     if path.suffix == ".safetensors":
+        _check_readable(path, "checkpoint")
         try:
             return st_load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: re-download or re-save it."
             ) from e
-    _check_torch_zip(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load. The file contains Python objects other than tensors, and loading them could "
-            f"run code ({str(e).splitlines()[0]}). Only load checkpoints you trust; convert it to a plain "
-            f"state dict or .safetensors with a trusted tool."
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: cannot read this checkpoint ({str(e).splitlines()[0]}). It is probably truncated or corrupt: "
-            f"re-download or re-save it."
-        ) from e
+    obj = safe_torch_load(path, mmap=mmap)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         raise CheckpointError(
             f"{path} is a training checkpoint (it wraps a 'state_dict'), not a model file. Export the model weights "
@@ -72,6 +85,20 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}. This is not a model checkpoint.")
     return obj
+
+
+def key_mismatch(expected: Mapping[str, Sequence[int]], got: Mapping[str, Sequence[int]], limit: int = 20) -> list[str]:
+    """THE missing / unexpected / wrong-shape report between two {name: shape} maps, one line per kind (none
+    when they match)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k}: got {tuple(got[k])}, expected {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
+    lines = []
+    for label, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("wrong shape", wrong, "; ")):
+        if items:
+            lines.append(f"{label} ({len(items)}): {sep.join(items[:limit])}{' ...' if len(items) > limit else ''}")
+    return lines
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

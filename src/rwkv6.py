@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from src.checkpoint import describe_state_dict, load_tensors
+from src.checkpoint import describe_state_dict, key_mismatch, load_tensors
 from src.errors import CheckpointError, ConfigError
 from src.wkv import wkv6
 
@@ -279,18 +279,9 @@ class RWKV6(nn.Module):
         checkpoint must contain exactly the base keys, no more and no fewer.
         """
         expected = {k: v.shape for k, v in base_state_dict(self).items()}
-        missing = sorted(set(expected) - set(sd))
-        unexpected = sorted(set(sd) - set(expected))
-        mismatched = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-                      for k in sorted(set(expected) & set(sd)) if sd[k].shape != expected[k]]
-        if missing or unexpected or mismatched:
-            lines = [f"{source} does not match an RWKV6 x060 model with {self.cfg}:"]
-            if missing:
-                lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-            if unexpected:
-                lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-            if mismatched:
-                lines.append(f"  wrong shape ({len(mismatched)}): {'; '.join(mismatched[:20])}")
+        report = key_mismatch(expected, {k: v.shape for k, v in sd.items()})
+        if report:
+            lines = [f"{source} does not match an RWKV6 x060 model with {self.cfg}:"] + [f"  {x}" for x in report]
             lines.append(f"  what the file looks like: {describe_state_dict(sd.keys())}.")
             raise CheckpointError("\n".join(lines))
         not_float = [f"{k} ({sd[k].dtype})" for k in sorted(sd) if not sd[k].is_floating_point()]

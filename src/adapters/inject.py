@@ -29,6 +29,7 @@ from src.adapters.files import (
     write_adapter_file,
 )
 from src.adapters.lora import LoRALinear
+from src.checkpoint import key_mismatch
 from src.errors import AdapterError
 from src.rwkv6 import RWKV6, RWKV6Config, base_state_dict
 
@@ -145,22 +146,15 @@ def _check_tensors(tensors: Mapping[str, Tensor], cfg: AdapterConfig, base_shape
                    source: str) -> None:
     expected = expected_adapter_shapes(cfg, base_shapes)
     got = tensor_shapes(tensors)
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k}: {got[k]} vs expected {expected[k]}" for k in sorted(set(expected) & set(got)) if got[k] != expected[k]]
+    report = key_mismatch(expected, got, limit=8)
     not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
-    if not (missing or unexpected or wrong or not_float):
+    if not (report or not_float):
         return
     lines = [f"{source} does not fit {cfg.method} (b={cfg.b}, grouping={cfg.grouping}, r={cfg.lora_r}, "
              f"targets={','.join(cfg.targets)}, train_parts={','.join(cfg.train_parts) or 'none'}) on this base:"]
-    if missing:
-        lines.append(f"  missing ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    if wrong:
-        lines.append(f"  wrong shape ({len(wrong)}): {'; '.join(wrong[:4])}")
-        if any(0 in got[k] for k in got):
-            lines.append("  (empty tensors: under ZeRO-3 gather the parameters before saving)")
+    lines += [f"  {line}" for line in report]
+    if any(0 in got[k] for k in got):
+        lines.append("  (empty tensors: under ZeRO-3 read the fp32 master copy, src.training.strategy.trained_tensors)")
     if not_float:
         lines.append(f"  not floating point: {', '.join(not_float[:8])}")
     lines.append("  The tensors were made with a different block size, rank, target list or model.")

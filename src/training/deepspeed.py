@@ -4,13 +4,12 @@ the loaded module state is checked to be exactly the trainable tensors.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy
 
+from src.checkpoint import key_mismatch, safe_torch_load
 from src.errors import CheckpointError
 
 
@@ -24,22 +23,9 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 
 def safe_load(path: str | Path, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True plus DeepSpeed's data classes; a clear error for anything else."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types here; re-raised with the file named
-        refused = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|$)", str(e), re.MULTILINE)
-        if refused:
-            raise CheckpointError(
-                f"{path}: refused to load this DeepSpeed checkpoint shard ({refused.group(1)}). It holds Python "
-                f"objects other than tensors and DeepSpeed's plain data, and loading them could run code. Only resume "
-                f"from checkpoints this trainer wrote."
-            ) from e
-        raise CheckpointError(
-            f"{path}: cannot read this DeepSpeed checkpoint shard ({str(e).splitlines()[0]}); it is truncated or "
-            f"corrupt. Delete this training state to resume from the previous one."
-        ) from e
+    """A DeepSpeed checkpoint shard through the project's one safe loader, allowing DeepSpeed's data classes."""
+    return safe_torch_load(path, what="DeepSpeed checkpoint shard", allowed_globals=_deepspeed_safe_globals(),
+                           fix="delete this training state to resume from the previous one", map_location=map_location)
 
 
 class _SafeCheckpointEngine:
@@ -65,14 +51,12 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
         model_states = sorted(Path(checkpoint_path).glob("checkpoint/*model_states.pt"))
         if not model_states:
             raise CheckpointError(f"{checkpoint_path}: not a DeepSpeed training state (no checkpoint/*model_states.pt).")
-        saved = set(safe_load(model_states[0], "cpu")["module"])
-        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-        if saved != trainable:
-            raise CheckpointError(
-                f"{checkpoint_path}: the saved tensors do not match this run's trainable tensors (missing "
-                f"{sorted(trainable - saved)[:5]}, unexpected {sorted(saved - trainable)[:5]}). Resume with the "
-                f"original adapter settings."
-            )
+        saved = {k: () for k in safe_load(model_states[0], "cpu")["module"]}
+        trainable = {n: () for n, p in engine.module.named_parameters() if p.requires_grad}
+        report = key_mismatch(trainable, saved, limit=5)
+        if report:
+            raise CheckpointError(f"{checkpoint_path}: the saved tensors do not match this run's trainable tensors ("
+                                  + "; ".join(report) + "). Resume with the original adapter settings.")
         # Frozen base tensors are not in the checkpoint (exclude_frozen_parameters); the key sets were
         # checked to be exactly the trainable ones above, so the non-strict module load is complete.
         self.lightning_module.strict_loading = False

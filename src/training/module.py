@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from src.checkpoint import key_mismatch
 from src.config import TrainConfig
 from src.errors import CheckpointError
 from src.loss import L2Wrap, masked_token_loss_sum
@@ -86,15 +87,11 @@ class RWKVLightningModule(pl.LightningModule):
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
         """Restore exactly the trainable tensors (the base is loaded separately); any difference is an error."""
         trainable = self.trainable_named_parameters()
-        missing = sorted(set(trainable) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(trainable))
-        shape = [k for k in set(trainable) & set(state_dict) if trainable[k].shape != state_dict[k].shape]
-        if missing or unexpected or shape:
-            raise CheckpointError(
-                "the training state does not fit this run's trainable tensors: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {shape[:5]}. "
-                "Resume with the same --peft/--bone_b/--bone_grouping/targets as the original run."
-            )
+        report = key_mismatch({k: p.shape for k, p in trainable.items()}, {k: t.shape for k, t in state_dict.items()},
+                              limit=5)
+        if report:
+            raise CheckpointError("the training state does not fit this run's trainable tensors: " + "; ".join(report)
+                                  + ". Resume with the same --peft/--bone_b/--bone_grouping/targets as the original run.")
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(state_dict[k])
@@ -107,7 +104,7 @@ class RWKVLightningModule(pl.LightningModule):
         `engine` undoes DeepSpeed's second 1/accumulate (1 elsewhere). L2Wrap goes between the two, so that
         its gradient has the same strength under every strategy."""
         accumulate = self.trainer.accumulate_grad_batches
-        engine = float(accumulate) if "deepspeed" in self.cfg.strategy else 1.0
+        engine = float(accumulate) if self.cfg.strategy_spec.deepspeed else 1.0
         return float(self.trainer.world_size * accumulate), engine
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -147,7 +144,7 @@ class RWKVLightningModule(pl.LightningModule):
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         kw = dict(lr=self.cfg.lr_init, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
-        if self.cfg.strategy.endswith("_offload"):
+        if self.cfg.strategy_spec.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer: torch.optim.Optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)

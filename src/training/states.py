@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from src.atomic import atomic_save
+from src.checkpoint import safe_torch_load
 from src.config import TrainConfig
 from src.errors import CheckpointError
 from src.run_files import SUPERSEDED_DIR, state_dir, state_epoch
@@ -25,22 +25,8 @@ class SafeAtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such training-state file.")
-        if path.stat().st_size == 0 or not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: cannot read this training state (empty or not a torch.save zip archive); "
-                                  f"it is truncated or corrupt. Delete it to resume from the previous one.")
-        try:
-            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:  # re-raised with the file named; torch raises several types here
-            if "weights_only" in str(e) or "Unsupported global" in str(e):
-                raise CheckpointError(
-                    f"{path}: refused to load. It contains Python objects other than tensors and plain values, and "
-                    f"loading them could run code. Only resume from training states this trainer wrote."
-                ) from e
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{path}: cannot read this training state ({reason}); it is "
-                                  f"truncated or corrupt. Delete it to resume from the previous one.") from e
+        checkpoint = safe_torch_load(path, what="training state", fix="delete it to resume from the previous one",
+                                     map_location=map_location or "cpu")
         if not isinstance(checkpoint, dict) or "rwkv_bone" not in checkpoint:
             raise CheckpointError(f"{path} is not a training state written by this trainer (no 'rwkv_bone' record); "
                                   f"resume from a proj_dir/checkpoints/state-epoch*.ckpt file, or use --resume auto.")
