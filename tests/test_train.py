@@ -166,20 +166,6 @@ def test_yaml_config_and_flag_override(tmp_path: Path) -> None:
         load_config(["--load_model", "m.pth", "--n_layer", "3", "--data_file", "d"])
 
 
-def test_lr_schedule_values() -> None:
-    kw = dict(lr_init=1e-3, lr_final=1e-4, warmup_steps=10, total_steps=110)
-    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(1e-5)
-    assert lr_at(5, schedule="cosine", **kw) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
-    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1e-3)
-    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(5.5e-4)
-    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(1e-4)
-    assert lr_at(60, schedule="linear", **kw) == pytest.approx(5.5e-4)
-    assert lr_at(35, schedule="linear", **kw) == pytest.approx(1e-3 - 0.25 * 9e-4)
-    assert lr_at(60, schedule="exponential", **kw) == pytest.approx((1e-3 * 1e-4) ** 0.5)
-    assert lr_at(200, schedule="exponential", **kw) == pytest.approx(1e-4)
-    assert lr_at(60, schedule="constant", **kw) == pytest.approx(1e-3)
-
-
 @pytest.mark.parametrize("layers, embd, total", [(24, 2048, 33_030_144), (32, 2560, 55_050_240), (32, 4096, 88_080_384)],
                          ids=["1.6B", "3B", "7B"])
 @pytest.mark.parametrize("peft", ["bone", "bone_col", "lora"])

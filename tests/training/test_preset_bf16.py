@@ -3,7 +3,7 @@ DeepSpeed ZeRO-2 or ZeRO-3, no autocast, two ranks) on a tiny model, against an 
 of the same run: loss, gradients and the saved adapter agree within bf16 tolerances, and the adapter file holds
 the fp32 master values.
 
-Each run is a subprocess (`python -m tests.test_preset_bf16 MODE OUT`): DeepSpeed keeps global state and
+Each run is a subprocess (`python -m tests.training.test_preset_bf16 MODE OUT`): DeepSpeed keeps global state and
 Lightning launches the second rank by re-running the command.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "rwkv6-1.6b-4x4090.yaml"
 VOCAB = 65536  # the World tokenizer's ids need the full vocabulary
 WORLD = 2
@@ -134,7 +134,7 @@ def _run_worker(mode: str, out: Path) -> Path:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
            "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "tests.test_preset_bf16", mode, str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.training.test_preset_bf16", mode, str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, check=False)
     assert proc.returncode == 0, f"{mode} worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out / mode

@@ -3,7 +3,7 @@ test-only subclass of SafeDeepSpeedStrategy that lifts Lightning's CUDA-only che
 the trainable tensors, resume is bit-exact, checkpoints that do not fit or would run code are refused, and the
 loss scale turns an accumulation window into the token-weighted mean gradient.
 
-Each ZeRO stage runs once in a subprocess with a hard timeout (`python -m tests.test_deepspeed STAGE OUT`),
+Each ZeRO stage runs once in a subprocess with a hard timeout (`python -m tests.training.test_deepspeed STAGE OUT`),
 which isolates DeepSpeed's global state and its accelerator choice from the pytest process; the tests below
 inspect what it wrote.
 """
@@ -30,7 +30,7 @@ from src.run_files import weights_file
 from src.training.deepspeed import SafeDeepSpeedStrategy, _deepspeed_safe_globals, safe_load
 from tests.cpu_deepspeed import CPUSafeDeepSpeedStrategy, cpu_strategy, use_cpu_deepspeed
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKER_TIMEOUT_S = 300  # typical run: ~15 s per stage
 MICRO_BSZ, ACCUMULATE, SEQ_LEN, VOCAB = 2, 2, 8, 64
 STEPS_PER_EPOCH = 2  # optimizer steps
@@ -231,7 +231,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
            "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"),  # any JIT build stays out of the shared cache
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.test_deepspeed", str(stage), str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.training.test_deepspeed", str(stage), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     assert proc.returncode == 0, f"DeepSpeed CPU worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {"stage": stage, "out": out, "results": json.loads((out / "results.json").read_text()),
