@@ -32,7 +32,7 @@ class TrainingStateCallback(Callback):
             self.export_adapter(epoch_tag(epoch), trainer)
         final = state_path(self.cfg.proj_dir, epoch)
         folder = final.parent
-        if "deepspeed" in self.cfg.strategy:
+        if self.cfg.strategy_spec.deepspeed:
             tmp = folder / f".{final.name}.tmp"
             if trainer.is_global_zero and tmp.exists():
                 shutil.rmtree(tmp)

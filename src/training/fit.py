@@ -36,7 +36,7 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
         from pytorch_lightning.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(proj), config=cfg.to_dict()))
-    plugins = [] if cfg.strategy.startswith("deepspeed") else [SafeAtomicCheckpointIO()]
+    plugins = [] if cfg.strategy_spec.deepspeed else [SafeAtomicCheckpointIO()]
 
     def export_on_rank0(tag: str, trainer: pl.Trainer) -> None:
         tensors = trained_tensors(model, trainer.strategy)  # a collective under DeepSpeed

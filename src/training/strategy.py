@@ -18,14 +18,13 @@ def make_strategy(cfg: TrainConfig) -> Any:
     Under DeepSpeed with bf16/fp16 every parameter (base and adapter) is cast to that dtype and the model runs
     without autocast; the optimizer keeps an fp32 master copy of the trainable tensors, and gradients are
     accumulated across micro-batches in fp32 (`data_types.grad_accum_dtype`)."""
-    if not cfg.strategy.startswith("deepspeed"):
-        return cfg.strategy
+    spec = cfg.strategy_spec
+    if not spec.deepspeed:
+        return spec.name
     from src.training import deepspeed as ds
 
-    stage = int(cfg.strategy.split("_")[2])
-    offload = cfg.strategy.endswith("_offload")
     strategy = ds.SafeDeepSpeedStrategy(
-        stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+        stage=spec.stage, offload_optimizer=spec.offload, offload_parameters=spec.offload and spec.stage == 3,
         exclude_frozen_parameters=True)
     strategy.config["data_types"] = {"grad_accum_dtype": "fp32"}
     return strategy
