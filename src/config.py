@@ -84,6 +84,8 @@ class TrainConfig:
     val_file: str | None = _opt(None, "validation data (same type); else --val_fraction of the data is held out")
     val_fraction: float = _opt(0.02, "fraction held out for validation when no --val_file")
     ctx_len: int = _opt(1024, "tokens per sample")
+    chunk_ctx: int = _opt(0, "train each sample in chunks of N tokens with the recurrent state carried (and "
+                             "backpropagated) across chunks: activation memory grows with N, not ctx_len; 0 = off")
     # optimisation
     micro_bsz: int = _opt(4, "samples per GPU per micro-batch")
     accumulate_grad_batches: int = _opt(1, "micro-batches per optimizer step")
@@ -130,6 +132,8 @@ class TrainConfig:
                      "devices", "num_nodes", "keep_last", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.chunk_ctx < 0:
+            raise ConfigError(f"--chunk_ctx must be >= 0 (0 = off), got {self.chunk_ctx}.")
         for name in ("lr_init", "adam_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}.")

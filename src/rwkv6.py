@@ -200,6 +200,12 @@ class RWKV6(nn.Module):
         ]
 
     def forward(self, idx: Tensor, state: list[LayerState] | None = None) -> Tensor | tuple[Tensor, list[LayerState]]:
+        """`model(idx)` -> logits (B, T, V); `model(idx, state)` -> (logits, new state)."""
+        logits, new_state = self.forward_state(idx, state)
+        return logits if state is None else (logits, new_state)
+
+    def forward_state(self, idx: Tensor, state: list[LayerState] | None) -> tuple[Tensor, list[LayerState]]:
+        """(logits (B, T, V), state after the last token) from `state`, or from the initial state when None."""
         x = self.emb(idx)  # (B, T, C)
         new_state: list[LayerState] = []
         for i, block in enumerate(self.blocks):
@@ -209,8 +215,7 @@ class RWKV6(nn.Module):
             else:
                 x, layer_state = block(x, layer_state)
             new_state.append(layer_state)
-        logits = self.head(self.ln_out(x))  # (B, T, V)
-        return logits if state is None else (logits, new_state)
+        return self.head(self.ln_out(x)), new_state  # (B, T, V)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from src.checkpoint import key_mismatch
 from src.config import TrainConfig
 from src.errors import CheckpointError
-from src.loss import L2Wrap, masked_token_loss_sum
 from src.rwkv6 import RWKV6
 from src.training.optimizer import LRMultiplier, is_weight_decayed
 from src.training.rng import rng_state, set_rng_state
+from src.training.sequence import sequence_loss
 
 # Settings a resumed run must share with the run it resumes (they decide which samples a step reads), and the
 # schedule settings that may change on resume (the new values apply from the resumed step on).
@@ -108,15 +108,12 @@ class RWKVLightningModule(pl.LightningModule):
         return float(self.trainer.world_size * accumulate), engine
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self.model(batch["input"])  # (B, T, V)
-        loss_sum, n_tokens = masked_token_loss_sum(logits, batch["target"], batch["mask"])
-        window_tokens = batch["window_tokens"][0].clamp(min=1).to(loss_sum.dtype)  # int64 count, exact in fp32 < 2^24
+        window_tokens = int(batch["window_tokens"][0].clamp(min=1))  # an int64 count: exact
         step_scale, engine_scale = self._loss_scales()
-        loss = loss_sum / window_tokens * step_scale
-        if self.cfg.l2wrap:
-            loss = L2Wrap.apply(loss, logits)
-        loss = loss * engine_scale
-        mean = (loss_sum / n_tokens.clamp(min=1.0)).detach()
+        out = sequence_loss(self.model, batch["input"], batch["target"], batch["mask"], step_scale / window_tokens,
+                            bool(self.cfg.l2wrap), self.cfg.chunk_ctx)
+        loss = out.objective * engine_scale
+        mean = out.loss_sum / out.n_tokens.clamp(min=1.0)
         self.log("loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input"].shape[0])
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -126,10 +123,9 @@ class RWKVLightningModule(pl.LightningModule):
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["input"])
-        loss_sum, n = masked_token_loss_sum(logits, batch["target"], batch["mask"])
-        self._val_sum += loss_sum.double()
-        self._val_count += n.double()
+        out = sequence_loss(self.model, batch["input"], batch["target"], batch["mask"], 1.0, False, self.cfg.chunk_ctx)
+        self._val_sum += out.loss_sum.double()
+        self._val_count += out.n_tokens.double()
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
