@@ -1,8 +1,8 @@
 """Evaluate an RWKV6 model (a base, base + adapter, or a merged checkpoint).
 
-    python scripts/eval.py --model BASE.pth [--adapter ADAPTER.safetensors] --problems test.jsonl [--json out.json]
-    python scripts/eval.py --model BASE.pth --loss_file val.jsonl            # held-out loss (sft or text jsonl)
-    python scripts/eval.py --model BASE.pth --generate "User: hi\\n\\nAssistant:" [--temperature 1.0]
+    python -m scripts.eval --model BASE.pth [--adapter ADAPTER.safetensors] --problems test.jsonl [--json out.json]
+    python -m scripts.eval --model BASE.pth --loss_file val.jsonl            # held-out loss (sft or text jsonl)
+    python -m scripts.eval --model BASE.pth --generate "User: hi\\n\\nAssistant:" [--temperature 1.0]
 
 --problems: jsonl of {"prompt", "response"} where the response ends in '#### number' (GSM8K style); the model
 answers each prompt in the RWKV World chat format and is scored by exact match of the final number.
@@ -12,38 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from src.atomic import atomic_write_text  # noqa: E402
-from src.data.jsonl import iter_jsonl  # noqa: E402
-from src.data.tokenizer import WorldTokenizer  # noqa: E402
-from src.errors import DataError, RWKVBoneError  # noqa: E402
-from src.evaluate import PROMPT_FORMAT, evaluate_exact_match, evaluate_loss, generate  # noqa: E402
-from src.model import RWKV6  # noqa: E402
-
-
-def read_problems(path: str) -> list[tuple[str, str]]:
-    problems = []
-    for line_no, record in iter_jsonl(path):
-        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
-            raise DataError(f"{path}:{line_no}: expected {{'prompt': str, 'response': str}} with '#### answer'.")
-        problems.append((record["prompt"], record["response"]))
-    if not problems:
-        raise DataError(f"{path}: no problems.")
-    return problems
-
-
-def held_out_loss(model: RWKV6, path: str, ctx_len: int, batch_size: int) -> float:
-    from torch.utils.data import DataLoader
-
-    from src.data.dataset import build_eval_dataset
-
-    dataset = build_eval_dataset(path, ctx_len, WorldTokenizer(), model.cfg.vocab_size)
-    return evaluate_loss(model, DataLoader(dataset, batch_size=batch_size))
+from src.atomic import atomic_write_text
+from src.data.tokenizer import WorldTokenizer
+from src.errors import RWKVBoneError
+from src.evaluation.evaluate import (
+    PROMPT_FORMAT,
+    evaluate_exact_match,
+    generate,
+    held_out_loss,
+    read_problems,
+)
+from src.model import RWKV6
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,63 +1,15 @@
-"""Generate the demo data sets (deterministic, seeded): a small English corpus of arithmetic stories for
-pretraining a tiny RWKV6 base, and GSM8K-like math word problems (question, worked answer, `#### number`)
-for Bone fine-tuning and exact-match evaluation.
+"""Generate the demo data sets (deterministic, seeded; see src/data/demo.py): a small corpus of arithmetic
+stories for pretraining a tiny RWKV6 base, and GSM8K-like math word problems for fine-tuning and exact match.
 
-    python scripts/make_demo_data.py --out runs/demo/data
+    python -m scripts.make_demo_data --out runs/demo/data
 
 Writes corpus.jsonl ({"text": ...}), math_train.jsonl and math_test.jsonl ({"prompt": ..., "response": ...}).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.atomic import atomic_write_text  # noqa: E402
-
-NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Leo", "Emma", "Max", "Zoe", "Jack", "Nora"]
-ITEMS = ["apples", "pencils", "books", "cookies", "marbles", "stickers", "coins", "cards", "shells", "toys"]
-
-
-def word_problem(rng: random.Random) -> tuple[str, str, int]:
-    """One problem: (question, worked answer ending in '#### n', n). One or two steps, small numbers."""
-    name, other = rng.sample(NAMES, 2)
-    item = rng.choice(ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(2, 20)
-    kind = rng.choice(["add", "sub", "mul", "two_step"])
-    if kind == "add":
-        q = f"{name} has {a} {item}. {other} gives {name} {b} more {item}. How many {item} does {name} have now?"
-        ans = a + b
-        work = f"{name} starts with {a} {item} and gets {b} more, so {a} + {b} = {ans}."
-    elif kind == "sub":
-        a = a + b
-        q = f"{name} has {a} {item}. {name} gives {b} {item} to {other}. How many {item} does {name} have left?"
-        ans = a - b
-        work = f"{name} starts with {a} {item} and gives away {b}, so {a} - {b} = {ans}."
-    elif kind == "mul":
-        a, b = rng.randint(2, 9), rng.randint(2, 9)
-        q = f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have?"
-        ans = a * b
-        work = f"There are {a} bags of {b} {item}, so {a} * {b} = {ans}."
-    else:
-        c = rng.randint(1, a + b - 1)
-        q = (f"{name} has {a} {item} and buys {b} more. Then {name} gives {c} {item} to {other}. "
-             f"How many {item} does {name} have now?")
-        ans = a + b - c
-        work = f"First {a} + {b} = {a + b}. Then {a + b} - {c} = {ans}."
-    return q, f"{work}\n#### {ans}", ans
-
-
-def story(rng: random.Random) -> str:
-    """Pretraining text: a few word problems told as prose with their solutions."""
-    parts = []
-    for _ in range(rng.randint(2, 4)):
-        q, worked, _ = word_problem(rng)
-        parts.append(f"Question: {q}\nAnswer: {worked.replace(chr(10) + '#### ', ' The answer is ')}.")
-    return "\n\n".join(parts)
+from src.data.demo import write_demo_data
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,21 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    rng = random.Random(args.seed)
-    corpus = [json.dumps({"text": story(rng)}) for _ in range(args.corpus_docs)]
-    seen: set[str] = set()
-    problems: list[str] = []
-    while len(problems) < args.train + args.test:
-        q, worked, _ = word_problem(rng)
-        if q in seen:
-            continue
-        seen.add(q)
-        problems.append(json.dumps({"prompt": q, "response": worked}))
-    atomic_write_text(out / "corpus.jsonl", "\n".join(corpus) + "\n")
-    atomic_write_text(out / "math_train.jsonl", "\n".join(problems[: args.train]) + "\n")
-    atomic_write_text(out / "math_test.jsonl", "\n".join(problems[args.train:]) + "\n")
-    print(f"wrote {len(corpus)} stories and {args.train}+{args.test} problems to {out}")
+    write_demo_data(args.out, args.corpus_docs, args.train, args.test, args.seed)
+    print(f"wrote {args.corpus_docs} stories and {args.train}+{args.test} problems to {args.out}")
 
 
 if __name__ == "__main__":

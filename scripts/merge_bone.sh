@@ -32,4 +32,4 @@ if [ -z "$adapter" ]; then
 fi
 
 echo "adapter: $adapter"
-exec python "$(dirname "$0")/../merge_bone.py" --base_model "$base" --bone "$adapter" --output "$out"
+exec "${PYTHON:-python}" "$(dirname "$0")/../merge_bone.py" --base_model "$base" --bone "$adapter" --output "$out"

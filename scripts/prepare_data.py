@@ -1,5 +1,7 @@
 """Convert a jsonl file into a binidx (.bin/.idx) token file for window (pretraining-style) training.
 
+    python -m scripts.prepare_data --input data.jsonl --output_prefix data/mydata
+
 Each record becomes one document: {"text"} records as is; {"prompt", "response"} and {"messages"} records
 rendered in the RWKV World chat format. The end-of-text token 0 is appended after every document (the RWKV
 make_data convention), so documents are separated by 0 in the flat token stream.
@@ -10,17 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from src.data.binidx import BinIdxWriter, bin_path, idx_path, prefix_of  # noqa: E402
-from src.data.jsonl import iter_jsonl, plain_text  # noqa: E402
-from src.data.tokenizer import WorldTokenizer  # noqa: E402
-from src.errors import DataError, RWKVBoneError  # noqa: E402
+from src.data.binidx import bin_path, idx_path, prefix_of
+from src.data.prepare import jsonl_to_binidx
+from src.errors import RWKVBoneError
 
 DESCRIPTION = """\
 Tokenize a jsonl file with the RWKV World tokenizer into OUTPUT_PREFIX.bin / OUTPUT_PREFIX.idx
@@ -32,44 +26,6 @@ masks, so training on it trains on every token; for SFT with loss only on the re
 jsonl file directly (data_type sft) instead of converting it.
 The output is written to temporary names and renamed when complete (.bin first, then .idx).
 """
-
-
-def count_lines(path: Path) -> int:
-    """Number of lines of a file (for the progress bar total); 0 if it does not exist."""
-    if not path.is_file():
-        return 0
-    count = 0
-    last = b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")
-
-
-def convert(input_file: Path, output_prefix: Path, show_progress: bool = True) -> tuple[int, int]:
-    """Write the binidx files; returns (documents, tokens)."""
-    tokenizer = WorldTokenizer()
-    num_docs = 0
-    num_tokens = 0
-    with BinIdxWriter(output_prefix, dtype=np.uint16) as writer, tqdm(
-        total=count_lines(input_file), unit="line", desc="tokenizing", disable=not show_progress
-    ) as progress:
-        for line_no, record in iter_jsonl(input_file):
-            where = f"{input_file}:{line_no}"
-            text = plain_text(record, where)
-            try:
-                tokens = tokenizer.encode(text)
-            except DataError as e:
-                raise DataError(f"{where}: {e}") from e
-            tokens.append(tokenizer.eos_id)
-            writer.add_document(tokens)
-            num_docs += 1
-            num_tokens += len(tokens)
-            progress.update(line_no - progress.n)
-        if num_docs == 0:
-            raise DataError(f"{input_file}: no records (the file is empty or blank); nothing written")
-    return num_docs, num_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
               f"--output_prefix", file=sys.stderr)
         return 1
     try:
-        num_docs, num_tokens = convert(args.input, prefix, show_progress=not args.quiet)
+        num_docs, num_tokens = jsonl_to_binidx(args.input, prefix, show_progress=not args.quiet)
     except RWKVBoneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

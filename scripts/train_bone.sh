@@ -35,7 +35,7 @@ export WANDB_MODE=${WANDB_MODE:-disabled}
 start=$(date +%s)
 echo "== demo: data (cached in $DEMO/data)"
 if [[ ! -f "$DEMO/data/math_test.jsonl" ]]; then
-    "$PYTHON" scripts/make_demo_data.py --out "$DEMO/data"
+    "$PYTHON" -m scripts.make_demo_data --out "$DEMO/data"
 fi
 
 BASE="$DEMO/base/model-final.safetensors"
@@ -45,7 +45,7 @@ if [[ ! -f "$BASE" ]]; then
 fi
 
 echo "== demo: before fine-tuning"
-"$PYTHON" scripts/eval.py --model "$BASE" --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
+"$PYTHON" -m scripts.eval --model "$BASE" --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_before.json"
 
 echo "== demo: Bone fine-tuning on the word problems"
@@ -53,7 +53,7 @@ echo "== demo: Bone fine-tuning on the word problems"
     --data_file "$DEMO/data/math_train.jsonl" --proj_dir "$DEMO/bone"
 
 echo "== demo: after fine-tuning (base + adapter)"
-"$PYTHON" scripts/eval.py --model "$BASE" --adapter "$DEMO/bone/adapter-final.safetensors" \
+"$PYTHON" -m scripts.eval --model "$BASE" --adapter "$DEMO/bone/adapter-final.safetensors" \
     --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_after.json"
 

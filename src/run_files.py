@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -65,3 +66,10 @@ def is_run_output(path: Path, proj_dir: Path) -> bool:
     """Whether `path` is one of the files a run writes into proj_dir (or its checkpoints folder)."""
     path, proj = path.resolve(), proj_dir.resolve()
     return path.parent == state_dir(proj) or (path.parent == proj and _OUTPUTS.fullmatch(path.name) is not None)
+
+
+def read_loss_curves(proj_dir: str | Path) -> tuple[dict[int, float], dict[int, float]]:
+    """({optimizer step: training loss}, {step: validation loss}) from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path(proj_dir).read_text().splitlines() if line.strip()]
+    return ({r["step"]: r["loss"] for r in rows if "loss" in r},
+            {r["step"]: r["val_loss"] for r in rows if "val_loss" in r})

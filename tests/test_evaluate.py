@@ -1,16 +1,16 @@
-"""Tests for src/evaluate.py: the exact-match scorer on hand-written cases, greedy generation from a merged
+"""Tests for src/evaluation/evaluate.py: the exact-match scorer on hand-written cases, greedy generation from a merged
 checkpoint against base + adapter, state-form generation against re-running the whole sequence, the exact-match
 loop and the token-weighted held-out loss."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import torch
 
 from src.adapters import AdapterConfig, inject_adapters, merge_checkpoint_file, save_adapter
-from src.evaluate import (
+from src.evaluation.evaluate import (
     PROMPT_FORMAT,
     evaluate_exact_match,
     evaluate_loss,

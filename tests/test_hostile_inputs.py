@@ -568,7 +568,7 @@ def test_prepare_data_refuses_to_overwrite_its_input(tmp_path: Path) -> None:
     source = tmp_path / "d.bin"  # a jsonl file under the name the output would take
     source.write_text('{"text": "hello"}\n')
     before = source.read_bytes()
-    res = subprocess.run([sys.executable, "scripts/prepare_data.py", "--input", str(source), "--output_prefix",
+    res = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--input", str(source), "--output_prefix",
                           str(tmp_path / "d"), "--quiet"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr and "d.bin" in res.stderr
     assert source.read_bytes() == before

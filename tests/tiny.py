@@ -1,9 +1,11 @@
-"""Tiny RWKV6 checkpoints with random weights and official key names, for tests."""
+"""Tiny RWKV6 checkpoints with random weights and official key names, for tests (built by
+src/diagnostics/random_model.py, the project's one random-checkpoint builder)."""
 from __future__ import annotations
 
 import torch
 
-from src.model import RWKV6, RWKV6Config, base_state_dict
+from src.diagnostics.random_model import random_state_dict
+from src.model import RWKV6Config
 
 
 def tiny_config(n_layer: int = 2, n_embd: int = 128, vocab_size: int = 256, d_mix: int = 32, d_decay: int = 64,
@@ -16,14 +18,4 @@ def tiny_state_dict(cfg: RWKV6Config | None = None, seed: int = 0, dtype: torch.
                     noise: float = 0.1) -> dict[str, torch.Tensor]:
     """An official-key x060 state dict: the project's init plus random noise on every tensor, so that no
     tensor is zero or constant (zero output projections would hide bugs)."""
-    cfg = cfg or tiny_config()
-    model = RWKV6(cfg)
-    model.init_weights(seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    sd = {}
-    for k, v in base_state_dict(model).items():
-        v = v.detach().clone()
-        scale = noise * (v.std().item() if v.numel() > 1 and v.std().item() > 0 else 1.0)
-        v += torch.randn(v.shape, generator=gen) * max(scale, noise * 0.5)
-        sd[k] = v.to(dtype)
-    return sd
+    return random_state_dict(cfg or tiny_config(), seed=seed, dtype=dtype, kind="noisy_init", noise=noise)

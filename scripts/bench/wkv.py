@@ -1,7 +1,7 @@
 """Benchmark the torch WKV6 backend against the naive per-step loop: forward + backward on CPU.
 
-    python scripts/bench/wkv.py                      # B=1, T=1024, H=32, N=64, one thread
-    python scripts/bench/wkv.py --time 256 --heads 8 # smaller
+    python -m scripts.bench.wkv                      # B=1, T=1024, H=32, N=64, one thread
+    python -m scripts.bench.wkv --time 256 --heads 8 # smaller
 
 Both run once (after a warm-up at T=min(T, 64)) on the same float32 inputs; prints each time, the
 ratio, and the relative difference of their outputs and gradients as a sanity check.
@@ -9,25 +9,19 @@ ratio, and the relative difference of their outputs and gradients as a sanity ch
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from src.wkv import wkv6  # noqa: E402
+from src.wkv import wkv6
 
 
 def naive_wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """The recurrence one step at a time (inputs unbound once, so autograd stays linear in T)."""
     S = state
     ys = []
-    for r_t, k_t, v_t, w_t in zip(r.unbind(1), k.unbind(1), v.unbind(1), w.unbind(1)):  # each (B, H, N)
+    for r_t, k_t, v_t, w_t in zip(r.unbind(1), k.unbind(1), v.unbind(1), w.unbind(1), strict=True):  # each (B, H, N)
         kv = k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, N, N)
         ys.append(torch.einsum("bhi,bhij->bhj", r_t, S + u.unsqueeze(-1) * kv))
         S = torch.exp(-torch.exp(w_t)).unsqueeze(-1) * S + kv
@@ -82,8 +76,8 @@ def main() -> None:
         print(f"{name}: fwd {f * 1e3:9.1f} ms  bwd {b * 1e3:9.1f} ms  total {(f + b) * 1e3:9.1f} ms")
     print(f"speed-up (fwd+bwd): {(naive_f + naive_b) / (chunk_f + chunk_b):.1f}x")
     names = ["y", "state", "dr", "dk", "dv", "dw", "du", "dstate"]
-    diffs = [((a - b).norm() / b.norm()).item() for a, b in zip(chunk_out, naive_out)]
-    print("relative difference:", "  ".join(f"{n} {d:.1e}" for n, d in zip(names, diffs)))
+    diffs = [((a - b).norm() / b.norm()).item() for a, b in zip(chunk_out, naive_out, strict=True)]
+    print("relative difference:", "  ".join(f"{n} {d:.1e}" for n, d in zip(names, diffs, strict=True)))
 
 
 if __name__ == "__main__":

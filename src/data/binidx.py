@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Iterable
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class BinIdxDataset:
             if not f.is_file():
                 raise DataError(
                     f"{f}: file not found; a binidx dataset needs both {data_file.name} and {idx_file.name} "
-                    "(create them with scripts/prepare_data.py)"
+                    "(create them with python -m scripts.prepare_data)"
                 )
         dtype, num_seqs, doc_count = self._read_header(idx_file)
         idx_size = idx_file.stat().st_size
@@ -125,7 +125,7 @@ class BinIdxDataset:
         if header[: len(MAGIC)] != MAGIC:
             raise DataError(
                 f"{idx_file}: bad magic {header[:len(MAGIC)]!r} at byte 0 (expected {MAGIC!r}); "
-                "this is not a Megatron MMIDIDX index, re-create it with scripts/prepare_data.py"
+                "this is not a Megatron MMIDIDX index, re-create it with python -m scripts.prepare_data"
             )
         (version,) = struct.unpack_from("<Q", header, len(MAGIC))
         if version != VERSION:

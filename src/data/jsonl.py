@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -152,18 +153,22 @@ def tokenize_segments(segments: list[Segment], tokenizer: Tokenizer) -> tuple[np
     return np.asarray(tokens, dtype=np.int32), np.asarray(mask, dtype=np.uint8)
 
 
+def document_tokens(text: str, tokenizer: Tokenizer, where: str) -> list[int]:
+    """The tokens of one document followed by the end-of-text token; a DataError names `where` (file:line)."""
+    try:
+        ids = tokenizer.encode(text)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from e
+    ids.append(tokenizer.eos_id)
+    return ids
+
+
 def read_text_docs(path: str | os.PathLike, tokenizer: Tokenizer) -> list[np.ndarray]:
     """Tokens (int32) of each {"text": ...} record of a jsonl file, each followed by the end-of-text token."""
     docs = []
     for line_no, record in iter_jsonl(path):
         where = f"{path}:{line_no}"
-        text = text_of(record, where)
-        try:
-            ids = tokenizer.encode(text)
-        except DataError as e:
-            raise DataError(f"{where}: {e}") from e
-        ids.append(tokenizer.eos_id)
-        docs.append(np.asarray(ids, dtype=np.int32))
+        docs.append(np.asarray(document_tokens(text_of(record, where), tokenizer, where), dtype=np.int32))
     if not docs:
         raise DataError(f"{path}: no records (the file is empty or blank); add lines like {{\"text\": \"...\"}}")
     return docs

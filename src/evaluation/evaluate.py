@@ -1,15 +1,19 @@
-"""Evaluation: generation with the recurrent state form, GSM8K-style exact match, and held-out loss."""
+"""Evaluation: generation with the recurrent state form, GSM8K-style exact match, held-out loss, and reading
+problem sets."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from src.data.jsonl import iter_jsonl
 from src.data.tokenizer import Tokenizer
+from src.errors import DataError
 from src.loss import masked_token_loss_sum
 from src.rwkv6 import RWKV6
 
@@ -117,3 +121,28 @@ def evaluate_loss(model: RWKV6, batches: Iterable[dict[str, Tensor]]) -> float:
         total += s.double().cpu()
         count += n.double().cpu()
     return float(total / count.clamp(min=1))
+
+
+def read_problems(path: str | Path) -> list[tuple[str, str]]:
+    """(question, gold answer) of each {"prompt", "response"} record of a jsonl file; the response ends in
+    '#### answer' (GSM8K style). DataError for a record of another shape or an empty file."""
+    problems = []
+    for line_no, record in iter_jsonl(path):
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("response"), str):
+            raise DataError(f"{path}:{line_no}: expected {{'prompt': str, 'response': str}} with '#### answer'.")
+        problems.append((record["prompt"], record["response"]))
+    if not problems:
+        raise DataError(f"{path}: no problems.")
+    return problems
+
+
+def held_out_loss(model: RWKV6, path: str | Path, ctx_len: int, batch_size: int) -> float:
+    """Token-weighted mean loss of `model` on a held-out file (jsonl text or sft, or a binidx prefix), read as
+    consecutive ctx_len windows (documents for sft) with the World tokenizer."""
+    from torch.utils.data import DataLoader
+
+    from src.data.dataset import build_eval_dataset
+    from src.data.tokenizer import WorldTokenizer
+
+    dataset = build_eval_dataset(str(path), ctx_len, WorldTokenizer(), model.cfg.vocab_size)
+    return evaluate_loss(model, DataLoader(dataset, batch_size=batch_size))

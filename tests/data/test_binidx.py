@@ -1,4 +1,4 @@
-"""binidx reader/writer against an independent struct/numpy writer, prepare_data.py round trip, bad files."""
+"""binidx reader/writer against an independent struct/numpy writer, scripts.prepare_data round trip, bad files."""
 from __future__ import annotations
 
 import json
@@ -114,7 +114,7 @@ def test_prepare_data_round_trip(tmp_path: Path, tokenizer: WorldTokenizer) -> N
     lines.append(json.dumps({"prompt": "Q?", "response": "A."}))
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "scripts/prepare_data.py", "--input", str(tmp_path / "in.jsonl"),
+        [sys.executable, "-m", "scripts.prepare_data", "--input", str(tmp_path / "in.jsonl"),
          "--output_prefix", str(tmp_path / "out" / "data")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -132,7 +132,7 @@ def test_prepare_data_round_trip(tmp_path: Path, tokenizer: WorldTokenizer) -> N
 def test_prepare_data_reports_bad_line(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n{"txt": "typo"}\n', encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "scripts/prepare_data.py", "--input", str(tmp_path / "in.jsonl"),
+        [sys.executable, "-m", "scripts.prepare_data", "--input", str(tmp_path / "in.jsonl"),
          "--output_prefix", str(tmp_path / "data"), "--quiet"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
