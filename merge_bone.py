@@ -22,18 +22,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output checkpoint (.pth or .safetensors)")
     parser.add_argument("--unmerge", action="store_true",
                         help="recover the base from --base_model, a checkpoint this adapter was merged into")
+    parser.add_argument("--state_only", action="store_true",
+                        help="write only the trained initial state (blocks.N.att.time_state) of a state-tuned adapter")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        summary = merge_checkpoint_file(args.base_model, args.bone, args.output, unmerge=args.unmerge)
+        summary = merge_checkpoint_file(args.base_model, args.bone, args.output, unmerge=args.unmerge,
+                                        state_only=args.state_only)
     except RWKVBoneError as e:
         print(f"merge_bone.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     cfg = summary.cfg
-    kind = f"b={cfg.b}, grouping={cfg.grouping}" if cfg.method.startswith("bone") else f"r={cfg.lora_r}, alpha={cfg.lora_alpha}"
+    kind = (f"b={cfg.b}, grouping={cfg.grouping}" if cfg.method.startswith("bone") else "initial state"
+            if cfg.method == "state" else f"r={cfg.lora_r}, alpha={cfg.lora_alpha}")
     per_projection = Counter(".".join(name.split(".")[2:4]) if name.startswith("blocks.") else name
                              for name in summary.changed)
     action = "unmerged" if args.unmerge else "merged"

@@ -35,6 +35,7 @@ class RWKV6Config:
     head_size: int = 64
     d_mix: int = 32  # time_maa_w1 is (C, 5 * d_mix); 64 for 7B/14B
     d_decay: int = 64  # time_decay_w1 is (C, d_decay); 128 for 7B/14B
+    time_state: bool = False  # the checkpoint holds a trained initial WKV state per layer (blocks.N.att.time_state)
     wkv_backend: str = "auto"
     grad_cp: bool = False
 
@@ -71,6 +72,7 @@ class RWKV6Config:
             head_size=sd["blocks.0.att.time_faaaa"].shape[-1],
             d_mix=sd["blocks.0.att.time_maa_w1"].shape[1] // 5,
             d_decay=sd["blocks.0.att.time_decay_w1"].shape[1],
+            time_state="blocks.0.att.time_state" in sd,
             **runtime,  # type: ignore[arg-type]
         )
 
@@ -104,6 +106,9 @@ class TimeMix(nn.Module):
         self.time_decay_w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
         self.time_decay_w2 = nn.Parameter(torch.zeros(cfg.d_decay, A))
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.time_state: nn.Parameter | None = None
+        if cfg.time_state:
+            self.enable_time_state()
         self.receptance = nn.Linear(C, A, bias=False)
         self.key = nn.Linear(C, A, bias=False)
         self.value = nn.Linear(C, A, bias=False)
@@ -111,9 +116,25 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=LN_X_EPS)
 
+    def enable_time_state(self) -> None:
+        """Add `time_state` (H, N, N), zero: a trainable initial WKV state. It is stored as the official
+        checkpoints (and the `rwkv` package, which transposes it on load) store it: [head, value, key]."""
+        if self.time_state is None:
+            H, N = self.cfg.n_head, self.cfg.head_size
+            self.time_state = nn.Parameter(torch.zeros(H, N, N, device=self.time_faaaa.device,
+                                                       dtype=self.time_faaaa.dtype))
+
+    def initial_wkv_state(self, batch_size: int) -> Tensor | None:
+        """(B, H, N, N) fp32 [key, value] from `time_state`, or None (zeros) without one."""
+        if self.time_state is None:
+            return None
+        return self.time_state.float().transpose(1, 2).unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
+
     def forward(self, x: Tensor, x_prev: Tensor | None, wkv_state: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
         H, N = self.cfg.n_head, self.cfg.head_size
+        if wkv_state is None:
+            wkv_state = self.initial_wkv_state(B)
         xx = token_shift(x, x_prev) - x  # (B, T, C)
         xxx = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1)  # (B, T, 5 * D_mix)
         xxx = xxx.view(B * T, 5, -1).transpose(0, 1)  # (5, BT, D_mix)
@@ -188,16 +209,25 @@ class RWKV6(nn.Module):
         self.base_keys = frozenset(self.state_dict())  # the architecture's own tensors, before any adapter
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> list[LayerState]:
-        """A zero recurrent state (equivalent to starting from the first token)."""
+        """The state before the first token: zero token shifts, and the WKV state from each layer's `time_state`
+        (a state-tuned model) or zeros. Equivalent to `model(idx)` without a state."""
         cfg = self.cfg
         device = device if device is not None else self.emb.weight.device
         dtype = self.emb.weight.dtype
-        return [
-            (torch.zeros(batch_size, cfg.n_embd, dtype=dtype, device=device),
-             torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, dtype=torch.float32, device=device),
-             torch.zeros(batch_size, cfg.n_embd, dtype=dtype, device=device))
-            for _ in range(cfg.n_layer)
-        ]
+        states = []
+        for block in self.blocks:
+            wkv = block.att.initial_wkv_state(batch_size)
+            if wkv is None:
+                wkv = torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, dtype=torch.float32)
+            states.append((torch.zeros(batch_size, cfg.n_embd, dtype=dtype, device=device), wkv.detach().to(device),
+                           torch.zeros(batch_size, cfg.n_embd, dtype=dtype, device=device)))
+        return states
+
+    def enable_time_state(self) -> None:
+        """Give every layer a trainable initial WKV state (`blocks.N.att.time_state`, zero) for state tuning.
+        Added after construction, so unless the checkpoint already held them they are not base tensors."""
+        for block in self.blocks:
+            block.att.enable_time_state()
 
     def forward(self, idx: Tensor, state: list[LayerState] | None = None) -> Tensor | tuple[Tensor, list[LayerState]]:
         """`model(idx)` -> logits (B, T, V); `model(idx, state)` -> (logits, new state)."""

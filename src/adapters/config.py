@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from src.errors import ConfigError
 
-METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "none")
+METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "state", "none")
 BONE_METHODS = ("bone", "bone_unconstrained", "bone_hadamard")
 GROUPINGS = ("row", "col")
 PARTS = ("att", "ffn")
@@ -15,8 +15,9 @@ PROJECTIONS = (
     "att.receptance", "att.key", "att.value", "att.gate", "att.output",
     "ffn.key", "ffn.receptance", "ffn.value",
 )
-# Extra base parameters that may be trained alongside the adapter (default: none, as in the paper's runs).
-TRAIN_PARTS = ("ln", "time")
+# Extra tensors that may be trained alongside the adapter (default: none, as in the paper's runs): LayerNorms,
+# the time_* tensors, or the initial WKV state (state tuning; added as blocks.N.att.time_state when absent).
+TRAIN_PARTS = ("ln", "time", "state")
 
 # Adapter tensor names are "<linear prefix>.<suffix>", e.g. "blocks.3.att.key.bone".
 TRAINABLE_SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -25,6 +26,7 @@ TRAINABLE_SUFFIXES: dict[str, tuple[str, ...]] = {
     "bone_unconstrained": ("bone_A", "bone_B"),
     "lora": ("lora_A", "lora_B"),
     "pissa": ("lora_A", "lora_B"),
+    "state": ("time_state",),
     "none": (),
 }
 # Frozen adapter tensors saved with the adapter: PiSSA's initial principal part (removed from the base weight
@@ -68,7 +70,9 @@ class AdapterConfig:
         bad = [t for t in self.targets if t not in valid_targets]
         if bad:
             raise ConfigError(f"adapter targets (--adapter_targets) {bad} are unknown; use parts {list(PARTS)} or projections {list(PROJECTIONS)}.")
-        if self.method != "none" and not self.targets:
+        if self.method == "state" and "state" in self.train_parts:
+            raise ConfigError("--peft state already trains the initial state; drop 'state' from --train_parts.")
+        if self.method not in ("none", "state") and not self.targets:
             raise ConfigError(f"adapter method {self.method!r} needs at least one target; use e.g. targets: [att, ffn].")
         if self.method == "none" and self.train_parts:
             raise ConfigError("method 'none' already trains every parameter (full fine-tuning); train_parts only "
@@ -82,8 +86,8 @@ class AdapterConfig:
         return self.lora_alpha / self.lora_r
 
     def projections(self) -> tuple[str, ...]:
-        """The targeted projections ("att.key", ...) in PROJECTIONS order; empty for method "none"."""
-        if self.method == "none":
+        """The targeted projections ("att.key", ...) in PROJECTIONS order; empty for "none" and "state"."""
+        if self.method in ("none", "state"):
             return ()
         chosen = set()
         for t in self.targets:

@@ -24,9 +24,9 @@ from torch import Tensor
 from src.adapters.config import AdapterConfig
 from src.adapters.files import load_adapter_file
 from src.adapters.inject import check_adapter_fits
-from src.adapters.merge import merge_weight, split_adapter_tensors, unmerge_weight
+from src.adapters.merge import ADDED_SUFFIX, merge_weight, split_adapter_tensors, unmerge_weight
 from src.atomic import atomic_path, atomic_save
-from src.checkpoint import load_tensors
+from src.checkpoint import load_tensors, save_tensors
 from src.errors import AdapterError, CheckpointError, ConfigError
 
 _SAFETENSORS_DTYPES = {
@@ -136,9 +136,11 @@ class MergeSummary:
 
 
 def merge_checkpoint_file(base_path: str | Path, adapter_path: str | Path, output_path: str | Path, *,
-                          unmerge: bool = False) -> MergeSummary:
+                          unmerge: bool = False, state_only: bool = False) -> MergeSummary:
     """Write base + adapter (or, with unmerge, the base recovered from a merged checkpoint) to output_path
-    (.safetensors or .pth by extension), a standard x060 checkpoint without adapter keys.
+    (.safetensors or .pth by extension), a standard x060 checkpoint without adapter keys. A trained initial
+    state goes in as `blocks.N.att.time_state` (fp32, the layout the `rwkv` package reads); `state_only` writes
+    a file holding only those tensors, for engines that mount states separately.
 
     Raises ConfigError for an output path equal to an input or with an unknown extension, AdapterError for an
     adapter that does not fit the base, CheckpointError for an unreadable base."""
@@ -151,23 +153,41 @@ def merge_checkpoint_file(base_path: str | Path, adapter_path: str | Path, outpu
     adapter, cfg, meta = load_adapter_file(adapter_path)
     base = open_checkpoint_lazily(base_path)
     check_adapter_fits(adapter, cfg, meta, base.shapes, str(adapter_path))
-    per_weight, parts = split_adapter_tensors(adapter, frozenset(base.shapes))
-    if unmerge and parts:
-        raise AdapterError(f"cannot unmerge {adapter_path}: it also trained {sorted(parts)[:3]} ... "
+    states = {k: v for k, v in adapter.items() if k.endswith(f".{ADDED_SUFFIX}")}
+    if state_only:
+        if unmerge or not states:
+            raise ConfigError(f"--state_only writes the trained initial state, and {adapter_path} "
+                              + ("holds none (train with --peft state or --train_parts state)." if not states
+                                 else "cannot be combined with --unmerge."))
+        save_tensors(output_path, {k: v.float() for k, v in states.items()})
+        return MergeSummary(cfg=cfg, changed=sorted(states), output=output_path)
+    if unmerge:
+        removed = set(states) & set(base.shapes)  # merging added them; unmerging takes them out again
+        adapter = {k: v for k, v in adapter.items() if k not in removed}
+        shapes = {k: s for k, s in base.shapes.items() if k not in removed}
+    split = split_adapter_tensors(adapter, frozenset(base.shapes))
+    if unmerge and split.parts:
+        raise AdapterError(f"cannot unmerge {adapter_path}: it also trained {sorted(split.parts)[:3]} ... "
                            f"(train_parts={list(cfg.train_parts)}), whose original values it does not store.")
     transform = unmerge_weight if unmerge else merge_weight
+    if not unmerge:
+        shapes = {**base.shapes, **{k: tuple(v.shape) for k, v in split.added.items()}}
+    dtypes = {**base.dtypes, **{k: torch.float32 for k in split.added}}
 
     def produce(name: str) -> Tensor:
+        if name in split.added:
+            return split.added[name].float()
         t = base.load(name)
-        if name in per_weight:
-            return transform(t, per_weight[name], cfg)
-        if name in parts:
-            return parts[name].to(t.dtype)
+        if name in split.per_weight:
+            return transform(t, split.per_weight[name], cfg)
+        if name in split.parts:
+            return split.parts[name].to(t.dtype)
         return t
 
-    changed = set(per_weight) | set(parts)
+    changed = set(split.per_weight) | set(split.parts) | set(split.added)
     if output_path.suffix == ".safetensors":
-        _write_safetensors_streaming(output_path, base.shapes, base.dtypes, produce)
+        _write_safetensors_streaming(output_path, shapes, dtypes, produce)
     else:
-        _write_pth_spilled(output_path, list(base.shapes), produce, changed)
-    return MergeSummary(cfg=cfg, changed=[k for k in base.shapes if k in changed], output=output_path)
+        _write_pth_spilled(output_path, list(shapes), produce, changed)
+    return MergeSummary(cfg=cfg, changed=[k for k in shapes if k in changed] + (sorted(removed) if unmerge else []),
+                        output=output_path)

@@ -75,6 +75,10 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, initialize: bool = 
     present = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if present:
         raise AdapterError(f"the model already has adapters ({present[0]} ...); inject into a plain base model.")
+    if cfg.method == "state" or "state" in cfg.train_parts:
+        if not hasattr(model, "enable_time_state"):
+            raise AdapterError(f"state tuning needs an RWKV6 model, got {type(model).__name__}.")
+        model.enable_time_state()  # no-op for layers whose checkpoint already holds a time_state
     linears = _targeted_linears(model, cfg)
     if cfg.method in BONE_METHODS:
         _check_divisible(linears, cfg.b)
@@ -96,6 +100,8 @@ def _train_part_names(model: nn.Module, parts: Sequence[str]) -> set[str]:
                 names.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
     if "time" in parts:
         names.update(n for n, _ in model.named_parameters() if n.rpartition(".")[2].startswith("time_"))
+    if "state" in parts:
+        names.update(n for n, _ in model.named_parameters() if n.endswith(".time_state"))
     return names
 
 
@@ -225,7 +231,8 @@ def parameter_table(model: nn.Module) -> str:
             continue
         prefix, _, suffix = name.rpartition(".")
         match = _PROJECTION_MODULE.match(prefix)
-        key = match[1] if match and f".{suffix}" in ADAPTER_TENSOR_SUFFIXES else "other"
+        key = match[1] if match and f".{suffix}" in ADAPTER_TENSOR_SUFFIXES else "state" if suffix == "time_state" \
+            else "other"
         counts[key] = counts.get(key, 0) + p.numel()
     rows = []
     for part in ("att", "ffn"):
@@ -233,6 +240,8 @@ def parameter_table(model: nn.Module) -> str:
         rows += [(f"  {p}", counts[p]) for p in projections]
         if projections:
             rows.append((f"{part} total", sum(counts[p] for p in projections)))
+    if "state" in counts:
+        rows.append(("initial state (time_state)", counts["state"]))
     if "other" in counts:
         rows.append(("other (base tensors)", counts["other"]))
     rows.append(("total trainable", sum(counts.values())))

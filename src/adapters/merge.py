@@ -5,6 +5,7 @@ Math in fp32 (fp64 stays fp64), results in the base tensor's dtype."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -32,46 +33,64 @@ def unmerge_weight(merged: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterCo
     raise AdapterError(f"adapter method {cfg.method!r} has no weight to unmerge.")
 
 
-def split_adapter_tensors(
-    adapter: Mapping[str, Tensor], base_keys: set[str] | frozenset[str]
-) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Group adapter tensors by base weight: ({"blocks.0.att.key.weight": {"bone": t}}, {train-part name: t}).
-    Names that are neither an adapter tensor of a base weight nor a base tensor raise AdapterError."""
-    per_weight: dict[str, dict[str, Tensor]] = {}
-    parts: dict[str, Tensor] = {}
+ADDED_SUFFIX = "time_state"  # tensors an adapter may add to a base that lacks them (state tuning)
+
+
+@dataclass
+class SplitAdapter:
+    """An adapter's tensors by what they do to a base: `per_weight` {base weight: {suffix: tensor}} to merge,
+    `parts` {base name: tensor} replacing base tensors (train_parts), `added` {name: tensor} new tensors
+    (a trained initial state on a base without one)."""
+
+    per_weight: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    added: dict[str, Tensor] = field(default_factory=dict)
+
+
+def split_adapter_tensors(adapter: Mapping[str, Tensor], base_keys: set[str] | frozenset[str]) -> SplitAdapter:
+    """Group adapter tensors by what they do to the base (see SplitAdapter). Names that are none of these raise
+    AdapterError."""
+    split = SplitAdapter()
     unknown = []
     for name, t in adapter.items():
         prefix, _, suffix = name.rpartition(".")
         if suffix in ALL_SUFFIXES and f"{prefix}.weight" in base_keys:
-            per_weight.setdefault(f"{prefix}.weight", {})[suffix] = t
+            split.per_weight.setdefault(f"{prefix}.weight", {})[suffix] = t
         elif name in base_keys:
-            parts[name] = t
+            split.parts[name] = t
+        elif suffix == ADDED_SUFFIX and f"{prefix}.time_faaaa" in base_keys:
+            split.added[name] = t
         else:
             unknown.append(name)
     if unknown:
         raise AdapterError(f"adapter tensors {unknown[:10]} match no weight of the base model; "
                            f"the adapter was made for a different model.")
-    return per_weight, parts
+    return split
 
 
 def merge_state_dict(base: Mapping[str, Tensor], adapter: Mapping[str, Tensor], cfg: AdapterConfig) -> dict[str, Tensor]:
-    """A new state dict: targeted weights merged, trained extra parts (train_parts) replaced, the rest shared."""
-    per_weight, parts = split_adapter_tensors(adapter, frozenset(base))
+    """A new state dict: targeted weights merged, trained extra parts (train_parts) replaced, a trained initial
+    state added (fp32, as `blocks.N.att.time_state`), the rest shared."""
+    split = split_adapter_tensors(adapter, frozenset(base))
     out = dict(base)
-    for key, tensors in per_weight.items():
+    for key, tensors in split.per_weight.items():
         out[key] = merge_weight(base[key], tensors, cfg)
-    for key, t in parts.items():
+    for key, t in split.parts.items():
         out[key] = t.detach().to(base[key].dtype)
+    for key, t in split.added.items():
+        out[key] = t.detach().float()
     return out
 
 
 def unmerge_state_dict(merged: Mapping[str, Tensor], adapter: Mapping[str, Tensor], cfg: AdapterConfig) -> dict[str, Tensor]:
-    """Inverse of merge_state_dict. Refuses adapters with trained extra parts (their old values are not stored)."""
-    per_weight, parts = split_adapter_tensors(adapter, frozenset(merged))
-    if parts:
-        raise AdapterError(f"cannot unmerge: the adapter also trained {sorted(parts)[:5]} (train_parts="
+    """Inverse of merge_state_dict (an added initial state is removed again). Refuses adapters with trained extra
+    parts (their old values are not stored)."""
+    added = {k for k in adapter if k.endswith(f".{ADDED_SUFFIX}") and k in merged}
+    split = split_adapter_tensors({k: v for k, v in adapter.items() if k not in added}, frozenset(merged))
+    if split.parts:
+        raise AdapterError(f"cannot unmerge: the adapter also trained {sorted(split.parts)[:5]} (train_parts="
                            f"{list(cfg.train_parts)}), and their original values are not stored in it.")
-    out = dict(merged)
-    for key, tensors in per_weight.items():
+    out = {k: v for k, v in merged.items() if k not in added}
+    for key, tensors in split.per_weight.items():
         out[key] = unmerge_weight(merged[key], tensors, cfg)
     return out

@@ -39,7 +39,7 @@ EXTRA_TRAINABLE = "model.blocks.0.att.value.weight"
 
 # ----------------------------------------------------------------------------------------------- worker side
 def _is_trainable(name: str) -> bool:
-    return name.endswith(".att.key.weight") or name == "ln_out.weight"
+    return name.endswith((".att.key.weight", ".att.time_state")) or name == "ln_out.weight"
 
 
 def _tiny_model(extra_trainable: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -49,6 +49,7 @@ def _tiny_model(extra_trainable: tuple[str, ...] = ()) -> torch.nn.Module:
     mcfg = tiny_config(n_layer=2, n_embd=64, vocab_size=VOCAB, d_mix=8, d_decay=16)
     model = RWKV6(mcfg)
     model.load_base_state_dict(tiny_state_dict(mcfg))
+    model.enable_time_state()  # state tuning's tensors train under every ZeRO stage too
     for name, p in model.named_parameters():
         p.requires_grad_(_is_trainable(name) or f"model.{name}" in extra_trainable)
     return model
