@@ -115,6 +115,9 @@ class TrainConfig:
     proj_dir: str = _opt("out", "folder for adapters, training states, metrics and loss.png")
     resume: str | None = _opt(None, "auto (newest state in proj_dir, or a fresh start) | PATH to a training state")
     keep_last: int = _opt(2, "training states kept in proj_dir/checkpoints")
+    save_every_steps: int = _opt(0, "also write a training state every N optimizer steps inside an epoch; 0 = off")
+    save_every_minutes: float = _opt(0.0, "also write a training state inside an epoch once N minutes have passed "
+                                          "since the last one; 0 = off")
     wandb: str | None = _opt(None, "Weights & Biases project (WANDB_MODE=offline works without network)")
     log_every: int = _opt(1, "write metrics every N optimizer steps")
     dry_run: bool = _opt(False, "print the configuration and the trainable-parameter table, then stop")
@@ -132,6 +135,8 @@ class TrainConfig:
                      "devices", "num_nodes", "keep_last", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.save_every_steps < 0 or self.save_every_minutes < 0:
+            raise ConfigError("--save_every_steps and --save_every_minutes must be >= 0 (0 = off).")
         if self.chunk_ctx < 0:
             raise ConfigError(f"--chunk_ctx must be >= 0 (0 = off), got {self.chunk_ctx}.")
         for name in ("lr_init", "adam_eps"):

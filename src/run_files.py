@@ -5,7 +5,8 @@
       adapter-epoch{N}.safetensors, adapter-final.safetensors   the adapter (model-*.safetensors for --peft none)
       config.yaml                                               the resolved configuration
       metrics.jsonl, loss.png                                   per-step metrics and the loss curve
-      checkpoints/state-epoch{N:06d}.ckpt                       training states for --resume
+      checkpoints/state-epoch{N:06d}.ckpt                       training state at the end of epoch N (--resume)
+      checkpoints/state-epoch{N:06d}-step{S:09d}.ckpt           a state inside epoch N, after optimizer step S
       checkpoints/superseded/                                   states set aside by a resume from an older one
 """
 from __future__ import annotations
@@ -42,12 +43,21 @@ def state_path(proj_dir: str | Path, epoch: int) -> Path:
     return state_dir(proj_dir) / f"{STATE_PREFIX}{epoch:06d}{STATE_SUFFIX}"
 
 
-def state_epoch(path: Path) -> int | None:
-    """The epoch of a training-state name, or None when it is not one."""
+def mid_epoch_state_path(proj_dir: str | Path, epoch: int, step: int) -> Path:
+    """The state written inside epoch `epoch` (1-based) after global optimizer step `step`."""
+    return state_dir(proj_dir) / f"{STATE_PREFIX}{epoch:06d}-step{step:09d}{STATE_SUFFIX}"
+
+
+def state_order(path: Path) -> tuple[int, float] | None:
+    """Sort key of a training-state name, oldest first: (epoch, step) inside an epoch, (epoch, inf) at its end;
+    None when the name is not a training state."""
     name = path.name
-    if name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX) and name[len(STATE_PREFIX):-len(STATE_SUFFIX)].isdigit():
-        return int(name[len(STATE_PREFIX):-len(STATE_SUFFIX)])
-    return None
+    if not (name.startswith(STATE_PREFIX) and name.endswith(STATE_SUFFIX)):
+        return None
+    epoch, _, step = name[len(STATE_PREFIX):-len(STATE_SUFFIX)].partition("-step")
+    if not epoch.isdigit() or (step and not step.isdigit()):
+        return None
+    return int(epoch), int(step) if step else float("inf")
 
 
 def config_path(proj_dir: str | Path) -> Path:

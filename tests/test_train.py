@@ -99,6 +99,37 @@ def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_p
 
 
 @pytest.mark.slow
+def test_mid_epoch_states_resume_bit_identically(assets: dict[str, Path], tmp_path: Path) -> None:
+    """--save_every_steps writes states inside an epoch; a run killed right after one resumes from that exact
+    sample and ends with the uninterrupted run's adapter, bit for bit, and the same metrics rows."""
+    over = {"epoch_count": 2, "save_every_steps": 2, "keep_last": 10, "val_fraction": 0.0}
+    straight = tmp_path / "straight"
+    res = run_train(common_args(assets, straight, **over))
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert "state-epoch000001-step000000002.ckpt" in names and "state-epoch000002.ckpt" in names, names
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, "train.py", *common_args(assets, killed, **over)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "state-epoch000001-step000000004.ckpt"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    res = run_train(common_args(assets, killed, **over))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout and "-step0000" in res.stdout  # a mid-epoch state
+    a, b = load_file(straight / "adapter-final.safetensors"), load_file(killed / "adapter-final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in again]
+
+
+@pytest.mark.slow
 def test_resume_applies_a_changed_schedule_and_refuses_a_changed_batch(assets: dict[str, Path], tmp_path: Path) -> None:
     """LambdaLR's state carries the old schedule's settings: a resume with a new lr/epoch count must follow the
     new schedule from the resumed step on (and say so), not silently keep the old one."""

@@ -12,25 +12,51 @@ from pytorch_lightning.callbacks import Callback
 
 from src.atomic import atomic_write_text
 from src.config import TrainConfig
+from src.data.dataset import lightning_resume_position
 from src.errors import WriteError
-from src.run_files import epoch_tag, metrics_path, state_path
+from src.run_files import epoch_tag, metrics_path, mid_epoch_state_path, state_path
 from src.training.states import list_states, replace_folder
 
 
 class TrainingStateCallback(Callback):
-    """At every epoch end: every `epoch_save` epochs the adapter file and the resolved config in proj_dir,
-    then an atomic training state (keep the last K) for --resume. In this order, a state on disk means its
-    epoch's files are complete: a run killed in between redoes the epoch and writes them again."""
+    """Training states for --resume, atomic, the last `keep_last` kept.
 
-    def __init__(self, cfg: TrainConfig, export_adapter: Any):
+    At every epoch end: every `epoch_save` epochs the adapter file and the resolved config in proj_dir, then the
+    state. In this order, a state on disk means its epoch's files are complete: a run killed in between redoes
+    the epoch and writes them again. Inside an epoch, at optimizer-step boundaries: a state every
+    `save_every_steps` steps and/or once `save_every_minutes` have passed since the last state. A resumed run
+    continues from the exact sample (the sampler is positioned from the restored loop counters), with the RNG
+    restored by the module; states fall on step boundaries, so no gradient accumulation is half done."""
+
+    def __init__(self, cfg: TrainConfig, export_adapter: Any, sampler: Any = None):
         self.cfg = cfg
         self.export_adapter = export_adapter  # callable(tag: str, trainer) -> None; a collective under DeepSpeed
+        self.sampler = sampler  # the training EpochSampler, positioned on a mid-epoch resume
+        self._last_save = time.monotonic()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.sampler is not None:
+            epoch, consumed = lightning_resume_position(checkpoint, self.cfg.micro_bsz, trainer.world_size)
+            self.sampler.set_position(epoch, consumed)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or (batch_idx + 1) >= trainer.num_training_batches:
+            return  # not a step boundary, or the epoch's last step (the epoch-end state follows)
+        due = bool(self.cfg.save_every_steps) and trainer.global_step % self.cfg.save_every_steps == 0
+        if self.cfg.save_every_minutes:
+            late = time.monotonic() - self._last_save >= 60 * self.cfg.save_every_minutes
+            due = due or bool(trainer.strategy.broadcast(late))  # rank 0's clock decides for every rank
+        if due:
+            self._write(trainer, mid_epoch_state_path(self.cfg.proj_dir, trainer.current_epoch + 1, trainer.global_step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if epoch % self.cfg.epoch_save == 0 or epoch == self.cfg.epoch_count:
             self.export_adapter(epoch_tag(epoch), trainer)
-        final = state_path(self.cfg.proj_dir, epoch)
+        self._write(trainer, state_path(self.cfg.proj_dir, epoch))
+
+    def _write(self, trainer: pl.Trainer, final: Any) -> None:
         folder = final.parent
         if self.cfg.strategy_spec.deepspeed:
             tmp = folder / f".{final.name}.tmp"
@@ -47,6 +73,7 @@ class TrainingStateCallback(Callback):
             for old in list_states(self.cfg.proj_dir)[: -self.cfg.keep_last]:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         trainer.strategy.barrier()
+        self._last_save = time.monotonic()
 
 
 class MetricsCallback(Callback):

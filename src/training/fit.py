@@ -45,13 +45,14 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
             atomic_write_text(config_path(proj), _config_yaml(cfg))
             print(f"saved {written}")
 
+    state_callback = TrainingStateCallback(cfg, export_on_rank0)
     trainer = pl.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=make_strategy(cfg),
         precision=LIGHTNING_PRECISION[cfg.precision], max_epochs=cfg.epoch_count,
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.grad_clip or None,
         logger=loggers or False, enable_checkpointing=False, use_distributed_sampler=False,
         num_sanity_val_steps=0, log_every_n_steps=cfg.log_every, default_root_dir=str(proj), plugins=plugins,
-        callbacks=[TrainingStateCallback(cfg, export_on_rank0), MetricsCallback(cfg),
+        callbacks=[MetricsCallback(cfg), state_callback,  # a step's metrics row is written before its state
                    NonFiniteGuard(str(state_dir(cfg.proj_dir)), cfg.skip_nonfinite, check_grads=cfg.precision != "fp16")],
         enable_model_summary=False,
     )
@@ -62,6 +63,7 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
                           val_fraction=0.0 if cfg.val_file else cfg.val_fraction, val_file=cfg.val_file,
                           num_samples=cfg.epoch_steps * window, vocab_size=model.cfg.vocab_size)
     loaders = make_loaders(data.train, data.val, cfg.micro_bsz, cfg.accumulate_grad_batches, trainer.global_rank, world)
+    state_callback.sampler = loaders.train.sampler  # positioned on a mid-epoch resume
     total_steps = loaders.steps_per_epoch * cfg.epoch_count
     if trainer.is_global_zero:
         print(f"data: {data.data_type}, {data.train.num_samples} training samples/epoch, "

@@ -14,7 +14,7 @@ from src.atomic import atomic_save
 from src.checkpoint import safe_torch_load
 from src.config import TrainConfig
 from src.errors import CheckpointError
-from src.run_files import SUPERSEDED_DIR, state_dir, state_epoch
+from src.run_files import SUPERSEDED_DIR, state_dir, state_order
 
 
 class SafeAtomicCheckpointIO(TorchCheckpointIO):
@@ -38,8 +38,8 @@ def list_states(proj_dir: str | Path) -> list[Path]:
     folder = state_dir(proj_dir)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if state_epoch(p) is not None]
-    return sorted(found, key=lambda p: state_epoch(p) or 0)
+    found = [p for p in folder.iterdir() if state_order(p) is not None]
+    return sorted(found, key=lambda p: state_order(p) or (0, 0.0))
 
 
 def remove_stale_temporaries(proj_dir: str | Path) -> list[Path]:
