@@ -123,9 +123,27 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
+CPU_GRAD_CHUNK_BYTES = 1 << 18  # Bone-row backward on CPU: bytes of the gradient of u formed at a time
+
+
+def _grad_chunk_rows(n: int, in_f: int, g: Tensor) -> int:
+    """Tokens per step of Bone-row's backward loop: all of them on accelerators; on CPU about
+    CPU_GRAD_CHUNK_BYTES of (rows, in), at least 64 rows. A fresh (N, in) buffer on CPU costs page faults and
+    cache misses that exceed the b×b products done with it; a small reused one stays in cache."""
+    if g.device.type != "cpu":
+        return n
+    return min(n, max(64, CPU_GRAD_CHUNK_BYTES // (in_f * g.element_size())))
+
+
 class BoneRowFunction(torch.autograd.Function):
-    """Bone with row grouping, factored: y = (x + u)·Wᵀ + tile_{out/b}(Σ_c u_c), u_c = x_c·bone[c]ᵀ.
-    Saves only x, W and bone; W' is never built."""
+    """Bone with row grouping, factored: y = (x + u)·Wᵀ + tile_{out/b}(s), u_c = x_c·bone[c]ᵀ, s = Σ_c u_c.
+    Saves only x, W and bone; W' is never built. Adapter work is one (N, in)·b product each for u, dx and
+    dbone, LoRA's at equal parameters.
+
+    Backward: with gx = dy·W and gs = Σ_a dy_a, the gradient of u is gu_c = gx_c + gs and
+    dx_c = gx_c + gu_c·bone[c], formed from gx directly: |gs| is about sqrt(in/b) times |gx|, so writing dx as
+    gu + gu·bone − gs would cancel and carry a rounding error of gs's size in bf16. gu is formed a block of
+    tokens at a time (see _grad_chunk_rows) in one reused buffer; dx overwrites gx in place."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bone: Tensor) -> Tensor:
@@ -134,15 +152,14 @@ class BoneRowFunction(torch.autograd.Function):
         groups, b, _ = bone.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, in_f).to(dtype).contiguous()  # (N, in)
-            m = bone.to(dtype)  # (in/b, b, b)
             n = x2.shape[0]
-            xg = x2.view(n, groups, b).transpose(0, 1)  # (in/b, N, b) view
-            xu = torch.empty_like(x2)  # (N, in): x + u, written block by block without a layout copy
-            torch.baddbmm(xg, xg, m.transpose(1, 2), out=xu.view(n, groups, b).transpose(0, 1))
-            s = x2 @ m.transpose(1, 2).reshape(in_f, b)  # (N, b) = Σ_c x_c·bone[c]ᵀ
-            y = F.linear(xu, weight.to(dtype))  # (N, out)
+            xu = torch.empty_like(x2)  # (N, in): u, then x + u, written block by block without a layout copy
+            xug = xu.view(n, groups, b).transpose(0, 1)  # (in/b, N, b) strided view
+            xug.baddbmm_(x2.view(n, groups, b).transpose(0, 1), bone.to(dtype).transpose(1, 2), beta=0)  # u_c
+            s = xu.view(n, groups, b).sum(1)  # (N, b) = Σ_c u_c, accumulated in fp32 for bf16/fp16
+            y = s.unsqueeze(1).expand(n, out_f // b, b).reshape(n, out_f)  # (N, out) = tile(s)
+            y.addmm_(xu.add_(x2), weight.to(dtype).t())  # += (x + u)·Wᵀ, rounded once
             del xu
-            y.view(n, out_f // b, b).add_(s.unsqueeze(1))
         ctx.save_for_backward(x, weight, bone)
         ctx.compute_dtype = dtype
         return y.view(*x.shape[:-1], out_f)
@@ -153,24 +170,29 @@ class BoneRowFunction(torch.autograd.Function):
         dtype = ctx.compute_dtype
         out_f, in_f = weight.shape
         groups, b, _ = bone.shape
-        dx = dbone = None
+        need_x, need_bone = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         with torch.autocast(x.device.type, enabled=False):
             g = dy.reshape(-1, out_f).to(dtype)  # (N, out)
             n = g.shape[0]
+            gs = g.view(n, out_f // b, b).sum(1)  # (N, b): gradient of s
+            gx = g @ weight.to(dtype)  # (N, in): gradient of x + u; becomes dx in place
             m = bone.to(dtype)
-            gs = g.view(n, out_f // b, b).sum(1)  # (N, b): gradient of Σ_c u_c
-            gu = g @ weight.to(dtype)  # (N, in): gradient of x + u
-            gu.view(n, groups, b).add_(gs.unsqueeze(1))  # now the gradient of u
-            gug = gu.view(n, groups, b).transpose(0, 1)  # (in/b, N, b) view
-            if ctx.needs_input_grad[2]:
-                x2 = x.reshape(-1, in_f).to(dtype)
-                dbone = torch.bmm(gug.transpose(1, 2), x2.view(n, groups, b).transpose(0, 1)).to(bone.dtype)
-            if ctx.needs_input_grad[0]:
-                dx = torch.empty_like(gu)  # (N, in) = (gu − gs) + gu·bone, block by block
-                torch.baddbmm(gug, gug, m, out=dx.view(n, groups, b).transpose(0, 1))
-                dx.view(n, groups, b).sub_(gs.unsqueeze(1))
-                dx = dx.view(x.shape).to(x.dtype)
-        return dx, None, dbone
+            x2 = x.reshape(-1, in_f).to(dtype) if need_bone else None  # (N, in)
+            rows = _grad_chunk_rows(n, in_f, gx)
+            gu_buf = gx.new_empty(groups, rows, b)  # (in/b, rows, b): gradient of u for a block of tokens
+            part = dtype if rows == n else _math_dtype(dtype)  # several blocks: dbone's parts in fp32
+            dbone = torch.zeros(groups, b, b, dtype=part, device=gx.device) if need_bone else None
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                gxg = gx[start:stop].view(-1, groups, b).transpose(0, 1)  # (in/b, rows, b) view
+                gu = torch.add(gxg, gs[start:stop], out=gu_buf[:, :stop - start])
+                if x2 is not None:
+                    xg = x2[start:stop].view(-1, groups, b).transpose(0, 1)  # (in/b, rows, b) view
+                    dbone.baddbmm_(gu.transpose(1, 2).to(part), xg.to(part))  # dbone[c] += gu_cᵀ·x_c
+                if need_x:
+                    gxg.baddbmm_(gu, m)  # dx_c = gx_c + gu_c·bone[c]
+        dx = gx.view(x.shape).to(x.dtype) if need_x else None
+        return dx, None, dbone.to(bone.dtype) if dbone is not None else None
 
 
 class RebuiltWeightFunction(torch.autograd.Function):
@@ -183,7 +205,8 @@ class RebuiltWeightFunction(torch.autograd.Function):
                 names: tuple[str, ...], *params: Tensor) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            merged = merge_bone(weight, dict(zip(names, params)), method, grouping).to(dtype)  # (out, in)
+            tensors = dict(zip(names, params, strict=True))
+            merged = merge_bone(weight, tensors, method, grouping).to(dtype)  # (out, in)
             y = F.linear(x.to(dtype), merged)
         ctx.save_for_backward(x, weight, *params)
         ctx.spec = (method, grouping, names, dtype)
@@ -198,7 +221,8 @@ class RebuiltWeightFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
                 leaves = [p.detach().to(math_dtype).requires_grad_() for p in params]
-                merged = bone_merged(weight.detach().to(math_dtype), dict(zip(names, leaves)), method, grouping)
+                tensors = dict(zip(names, leaves, strict=True))
+                merged = bone_merged(weight.detach().to(math_dtype), tensors, method, grouping)
             g = dy.reshape(-1, out_f).to(dtype)  # (N, out)
             dx = None
             if ctx.needs_input_grad[0]:
@@ -206,7 +230,7 @@ class RebuiltWeightFunction(torch.autograd.Function):
             x2 = x.reshape(-1, in_f).to(dtype)  # (N, in)
             dmerged = (g.t() @ x2).to(math_dtype)  # (out, in)
             grads = torch.autograd.grad(merged, leaves, dmerged)
-        return (dx, None, None, None, None, *(gr.to(p.dtype) for gr, p in zip(grads, params)))
+        return (dx, None, None, None, None, *(gr.to(p.dtype) for gr, p in zip(grads, params, strict=True)))
 
 
 class BoneLinear(nn.Module):

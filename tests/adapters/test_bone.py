@@ -1,13 +1,15 @@
 """Bone layers and math against the naive per-block formula in float64 + autograd; memory, autocast,
-bf16 bases, activation checkpointing; exact unmerge."""
+bf16 bases, bf16 rounding error against a plain bf16 linear's, activation checkpointing; exact unmerge."""
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from src.adapters.bone import BoneLinear, merge_bone, unmerge_bone
+from src.adapters import bone as bone_module
+from src.adapters.bone import BoneLinear, BoneRowFunction, merge_bone, unmerge_bone
 from src.adapters.config import AdapterConfig
 from src.errors import AdapterError
 from tests.adapters.reference import naive_block_affine, rel_err
@@ -46,7 +48,7 @@ def test_layer_matches_naive_formula_float64(method: str, grouping: str, out_f: 
 
     assert rel_err(y, y_ref) < 1e-12
     assert rel_err(dx, dx_ref) < 1e-12
-    for got, ref in zip(dparams, dparams_ref):
+    for got, ref in zip(dparams, dparams_ref, strict=True):
         assert rel_err(got, ref) < 1e-12
 
 
@@ -133,7 +135,7 @@ def test_autocast_bf16_close_to_fp32(method: str, grouping: str) -> None:
     assert y16.dtype == torch.bfloat16
     g16 = torch.autograd.grad(y16.float().square().sum(), [x, *params])
     assert rel_err(y16.float(), y32) < 3e-2
-    for a, b in zip(g16, g32):
+    for a, b in zip(g16, g32, strict=True):
         assert a.dtype == b.dtype == torch.float32
         assert rel_err(a, b) < 5e-2
 
@@ -160,7 +162,7 @@ def test_inside_non_reentrant_checkpoint(method: str, grouping: str) -> None:
     plain = torch.autograd.grad(layer(torch.tanh(x)).sin().sum(), [x, *params])
     ckpt = torch.autograd.grad(
         checkpoint(lambda t: layer(torch.tanh(t)), x, use_reentrant=False).sin().sum(), [x, *params])
-    for a, b in zip(plain, ckpt):
+    for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
@@ -169,3 +171,69 @@ def test_input_without_grad_gets_no_input_gradient() -> None:
     y = layer(torch.randn(3, 16, dtype=torch.float64))
     y.sum().backward()
     assert layer.bone.grad is not None and layer.weight.grad is None
+
+
+def norm_err(got: Tensor, ref: Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖ in float64."""
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("mode", ["bf16", "autocast"])
+def test_bone_row_bf16_error_close_to_plain_linear(mode: str, chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a realistic in/b = 32, Bone-row's bf16 y, dx and dbone against float64 stay close to a plain bf16
+    linear's error measured on the same data. mode "bf16": x, W and bone are bf16 and nothing autocasts
+    (DeepSpeed bf16); "autocast": fp32 x and bone, bf16 W, under bf16 autocast. The floor is about sqrt(2)x
+    (the adapter's sum adds one rounding, as LoRA's does); dx formed as gu + gu·bone − gs cancels the
+    gradient of Σ_c u_c, which is sqrt(in/b)x larger than dy·W, and lands far above it. chunked: the
+    backward runs over 64-token blocks (dbone summed over them)."""
+    if chunked:
+        monkeypatch.setattr(bone_module, "CPU_GRAD_CHUNK_BYTES", 1)
+    out_f, in_f, b, n = 2048, 2048, 64, 256
+    gen = torch.Generator().manual_seed(0)
+    low = torch.bfloat16 if mode == "bf16" else torch.float32
+    x = torch.randn(n, in_f, generator=gen).to(low)  # (N, in)
+    weight = (torch.randn(out_f, in_f, generator=gen) * in_f**-0.5).bfloat16()  # (out, in)
+    bone = (torch.randn(in_f // b, b, b, generator=gen) * 3e-3).to(low)  # entries of a fine-tuned bone's size
+    dy = torch.randn(n, out_f, generator=gen).bfloat16()  # (N, out), as a bf16 output's gradient arrives
+
+    x64, w64, bone64 = (t.double().requires_grad_() for t in (x, weight, bone))
+    y64 = x64 @ naive_block_affine(w64.detach(), {"bone": bone64}, "bone", "row").t()
+    dx64, dbone64 = torch.autograd.grad(y64, [x64, bone64], dy.double())
+    lin64 = x64 @ w64.t()
+    dx_lin64, dw_lin64 = torch.autograd.grad(lin64, [x64, w64], dy.double())
+
+    def run(fn, *params: Tensor) -> tuple[Tensor, ...]:
+        leaves = [t.clone().requires_grad_() for t in (x, *params)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            y = fn(*leaves)
+        assert y.dtype == torch.bfloat16
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    y_lin, dx_lin, dw_lin = run(F.linear, weight)
+    y, dx, dbone = run(lambda xi, bi: BoneRowFunction.apply(xi, weight, bi), bone)
+    assert dx.dtype == x.dtype and dbone.dtype == bone.dtype
+    lin = {"y": norm_err(y_lin, lin64), "dx": norm_err(dx_lin, dx_lin64), "dW": norm_err(dw_lin, dw_lin64)}
+    bone_row = {"y": norm_err(y, y64), "dx": norm_err(dx, dx64), "dbone": norm_err(dbone, dbone64)}
+    assert bone_row["dx"] <= 1.5 * lin["dx"], (bone_row, lin)
+    assert bone_row["y"] <= 1.5 * lin["y"], (bone_row, lin)
+    assert bone_row["dbone"] <= 2.0 * lin["dW"], (bone_row, lin)  # rounded: gs, gu = dy·W + gs, the product
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_bone_row_backward_in_token_chunks_matches_float64(input_grad: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU backward loop over blocks of 64 tokens (150 tokens: 64 + 64 + 22) is exact in float64."""
+    monkeypatch.setattr(bone_module, "CPU_GRAD_CHUNK_BYTES", 1)
+    layer = make_layer(48, 64, 16, "bone", "row")
+    x = torch.randn(3, 50, 64, dtype=torch.float64, requires_grad=input_grad)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.bone] if input_grad else [layer.bone], dy)
+    bone_ref = layer.bone.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = x_ref @ naive_block_affine(layer.weight, {"bone": bone_ref}, "bone", "row").t()
+    refs = torch.autograd.grad(y_ref, [x_ref, bone_ref] if input_grad else [bone_ref], dy)
+    assert rel_err(y, y_ref) < 1e-12
+    for got, ref in zip(grads, refs, strict=True):
+        assert rel_err(got, ref) < 1e-12
