@@ -86,6 +86,8 @@ class TrainConfig:
     ctx_len: int = _opt(1024, "tokens per sample")
     chunk_ctx: int = _opt(0, "train each sample in chunks of N tokens with the recurrent state carried (and "
                              "backpropagated) across chunks: activation memory grows with N, not ctx_len; 0 = off")
+    head_chunk: int = _opt(0, "compute the head and the loss N tokens at a time (recomputed in backward), so the "
+                              "(B, T, vocab) logits never exist at once; same loss; 0 = off")
     # optimisation
     micro_bsz: int = _opt(4, "samples per GPU per micro-batch")
     accumulate_grad_batches: int = _opt(1, "micro-batches per optimizer step")
@@ -137,8 +139,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.save_every_steps < 0 or self.save_every_minutes < 0:
             raise ConfigError("--save_every_steps and --save_every_minutes must be >= 0 (0 = off).")
-        if self.chunk_ctx < 0:
-            raise ConfigError(f"--chunk_ctx must be >= 0 (0 = off), got {self.chunk_ctx}.")
+        if self.chunk_ctx < 0 or self.head_chunk < 0:
+            raise ConfigError(f"--chunk_ctx and --head_chunk must be >= 0 (0 = off), got {self.chunk_ctx}, "
+                              f"{self.head_chunk}.")
         for name in ("lr_init", "adam_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}.")

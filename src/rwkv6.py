@@ -236,6 +236,11 @@ class RWKV6(nn.Module):
 
     def forward_state(self, idx: Tensor, state: list[LayerState] | None) -> tuple[Tensor, list[LayerState]]:
         """(logits (B, T, V), state after the last token) from `state`, or from the initial state when None."""
+        x, new_state = self.features(idx, state)
+        return self.head(x), new_state
+
+    def features(self, idx: Tensor, state: list[LayerState] | None) -> tuple[Tensor, list[LayerState]]:
+        """(ln_out of the last block's output (B, T, C), new state): everything but the head."""
         x = self.emb(idx)  # (B, T, C)
         new_state: list[LayerState] = []
         for i, block in enumerate(self.blocks):
@@ -245,7 +250,7 @@ class RWKV6(nn.Module):
             else:
                 x, layer_state = block(x, layer_state)
             new_state.append(layer_state)
-        return self.head(self.ln_out(x)), new_state  # (B, T, V)
+        return self.ln_out(x), new_state
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 
 
-def measure(n_layer: int, n_embd: int, vocab: int, ctx: int, chunk: int) -> dict[str, float]:
+def measure(n_layer: int, n_embd: int, vocab: int, ctx: int, chunk: int, head_chunk: int = 0) -> dict[str, float]:
     """One step in this process: {"peak_mib": growth of peak RSS, "seconds": wall time}."""
     import torch
 
@@ -34,11 +34,21 @@ def measure(n_layer: int, n_embd: int, vocab: int, ctx: int, chunk: int) -> dict
     mask = torch.ones(1, ctx)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    out = sequence_loss(model, idx[:, :-1], idx[:, 1:], mask, scale=1 / ctx, l2wrap=True, chunk_ctx=chunk)
+    out = sequence_loss(model, idx[:, :-1], idx[:, 1:], mask, scale=1 / ctx, l2wrap=True, chunk_ctx=chunk,
+                        head_chunk=head_chunk)
     out.objective.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
     return {"peak_mib": peak / 1024, "seconds": seconds}
+
+
+def run_child(args: argparse.Namespace, one: str) -> dict[str, float]:
+    """measure() in a fresh process (see the module docstring for the allocator setting)."""
+    cmd = [sys.executable, "-m", "scripts.bench.long_context", "--one", one, "--n_layer", str(args.n_layer),
+           "--n_embd", str(args.n_embd), "--vocab", str(args.vocab)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,20 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # child process: "ctx,chunk"
+    parser.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # child: "ctx,chunk[,head_chunk]"
     args = parser.parse_args(argv)
     if args.one:
-        ctx, chunk = (int(v) for v in args.one.split(","))
-        print(json.dumps(measure(args.n_layer, args.n_embd, args.vocab, ctx, chunk)))
+        ctx, chunk, *head = (int(v) for v in args.one.split(","))
+        print(json.dumps(measure(args.n_layer, args.n_embd, args.vocab, ctx, chunk, *head)))
         return 0
-    rows = {}
-    for ctx in args.ctx:
-        for chunk in (0, args.chunk):
-            cmd = [sys.executable, "-m", "scripts.bench.long_context", "--one", f"{ctx},{chunk}",
-                   "--n_layer", str(args.n_layer), "--n_embd", str(args.n_embd), "--vocab", str(args.vocab)]
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-            rows[(ctx, chunk)] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = {(ctx, chunk): run_child(args, f"{ctx},{chunk}") for ctx in args.ctx for chunk in (0, args.chunk)}
     base = args.ctx[0]
     print(f"RWKV6 {args.n_layer} x {args.n_embd}, vocab {args.vocab}, batch 1, fp32 CPU, one thread; peak memory "
           f"growth of one forward+backward (MiB) and its ratio to ctx_len {base}")

@@ -111,7 +111,7 @@ class RWKVLightningModule(pl.LightningModule):
         window_tokens = int(batch["window_tokens"][0].clamp(min=1))  # an int64 count: exact
         step_scale, engine_scale = self._loss_scales()
         out = sequence_loss(self.model, batch["input"], batch["target"], batch["mask"], step_scale / window_tokens,
-                            bool(self.cfg.l2wrap), self.cfg.chunk_ctx)
+                            bool(self.cfg.l2wrap), self.cfg.chunk_ctx, self.cfg.head_chunk)
         loss = out.objective * engine_scale
         mean = out.loss_sum / out.n_tokens.clamp(min=1.0)
         self.log("loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input"].shape[0])
@@ -123,7 +123,8 @@ class RWKVLightningModule(pl.LightningModule):
         self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = sequence_loss(self.model, batch["input"], batch["target"], batch["mask"], 1.0, False, self.cfg.chunk_ctx)
+        out = sequence_loss(self.model, batch["input"], batch["target"], batch["mask"], 1.0, False, self.cfg.chunk_ctx,
+                            self.cfg.head_chunk)
         self._val_sum += out.loss_sum.double()
         self._val_count += out.n_tokens.double()
 

@@ -28,20 +28,24 @@ def _batch(B: int, T: int, seed: int, loss_until: int | None = None) -> tuple[to
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
-def _run(model: RWKV6, batch: tuple[torch.Tensor, ...], chunk: int) -> tuple[float, float, dict[str, torch.Tensor]]:
+def _run(model: RWKV6, batch: tuple[torch.Tensor, ...], chunk: int,
+         head_chunk: int = 0) -> tuple[float, float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    out = sequence_loss(model, *batch, scale=1 / 50, l2wrap=True, chunk_ctx=chunk)
+    out = sequence_loss(model, *batch, scale=1 / 50, l2wrap=True, chunk_ctx=chunk, head_chunk=head_chunk)
     out.objective.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(out.objective), float(out.loss_sum), grads
 
 
-@pytest.mark.parametrize("chunk, loss_until", [(32, None), (40, None), (16, 50), (96, None)])
-def test_chunked_loss_and_gradients_equal_the_unchunked_run(chunk: int, loss_until: int | None) -> None:
+@pytest.mark.parametrize("chunk, head_chunk, loss_until", [(32, 0, None), (40, 0, None), (16, 0, 50), (96, 0, None),
+                                                         (0, 24, None), (0, 7, 50), (40, 16, 60)])
+def test_chunked_loss_and_gradients_equal_the_unchunked_run(chunk: int, head_chunk: int,
+                                                            loss_until: int | None) -> None:
+    """Time chunks (carried state) and head chunks (logits in pieces) give the plain run's loss and gradients."""
     model = _model()
-    batch = _batch(B=2, T=96, seed=chunk, loss_until=loss_until)
+    batch = _batch(B=2, T=96, seed=chunk + head_chunk, loss_until=loss_until)
     ref_obj, ref_sum, ref = _run(model, batch, chunk=0)
-    obj, loss_sum, got = _run(model, batch, chunk=chunk)
+    obj, loss_sum, got = _run(model, batch, chunk=chunk, head_chunk=head_chunk)
     assert obj == pytest.approx(ref_obj, rel=1e-5) and loss_sum == pytest.approx(ref_sum, rel=1e-5)
     assert got.keys() == ref.keys() and len(ref) == len(list(model.parameters()))
     for name in ref:
@@ -78,7 +82,7 @@ def test_only_chunk_boundary_states_are_kept_between_the_passes() -> None:
     ids) alone, far below one chunk's activations."""
     model = _model()
 
-    def saved_bytes(T: int, chunk: int) -> int:
+    def saved_bytes(T: int, chunk: int, head_chunk: int = 0) -> int:
         total = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -87,10 +91,11 @@ def test_only_chunk_boundary_states_are_kept_between_the_passes() -> None:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sequence_loss(model, *_batch(1, T, seed=T), scale=1.0, l2wrap=True, chunk_ctx=chunk)
+            sequence_loss(model, *_batch(1, T, seed=T), scale=1.0, l2wrap=True, chunk_ctx=chunk, head_chunk=head_chunk)
         return total
 
     plain_1k, plain_4k = saved_bytes(1024, 0), saved_bytes(4096, 0)
+    assert saved_bytes(1024, 0, head_chunk=128) < plain_1k - 1024 * VOCAB * 4  # the fp32 logits are not kept
     chunked_1k, chunked_4k = saved_bytes(1024, 256), saved_bytes(4096, 256)
     assert plain_4k > 3.5 * plain_1k
     assert chunked_4k < plain_1k / 4 and chunked_1k < plain_1k / 10
