@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             results.update(accuracy=em.accuracy, correct=em.correct, total=em.total, samples=em.samples)
             print(f"| metric | value |\n|---|---|\n| exact match | {em.correct}/{em.total} = {em.accuracy:.1%} |")
             for s in em.samples[:3]:
-                print(f"  Q: {s['question']}\n  A: {str(s['prediction']).strip()!r}  ({'ok' if s['correct'] else 'wrong'})")
+                verdict = "ok" if s["correct"] else "wrong"
+                print(f"  Q: {s['question']}\n  A: {str(s['prediction']).strip()!r}  ({verdict})")
         if args.json:
             atomic_write_text(args.json, json.dumps(results, indent=2, ensure_ascii=False))
         return 0

@@ -29,8 +29,8 @@ def run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_compare_methods_micro(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    res = run([sys.executable, "-m", "scripts.compare_methods", "--micro", "--jobs", "2", "--work", str(tmp_path / "work"),
-               "--out", str(out)], timeout=600)
+    res = run([sys.executable, "-m", "scripts.compare_methods", "--micro", "--jobs", "2",
+               "--work", str(tmp_path / "work"), "--out", str(out)], timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for name in ("comparison_train_loss.png", "comparison_val_loss.png", "comparison_table.md",
                  "comparison_results.json"):
