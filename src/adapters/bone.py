@@ -19,16 +19,16 @@ and return gradients in each input's own dtype (adapter parameters are fp32 on a
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.adapters.config import AdapterConfig
+from src.adapters.layer import AdapterLayer, math_dtype
 from src.errors import AdapterError
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _blocks(weight: Tensor, b: int) -> Tensor:
@@ -86,7 +86,7 @@ def bone_merged(weight: Tensor, tensors: dict[str, Tensor], method: str, groupin
 
 def merge_bone(weight: Tensor, tensors: dict[str, Tensor], method: str, grouping: str) -> Tensor:
     """W' = W + ΔW, computed in fp32 (fp64 stays fp64), returned in W's dtype. No autograd."""
-    dtype = _math_dtype(weight.dtype)
+    dtype = math_dtype(weight.dtype)
     with torch.no_grad():
         merged = bone_merged(weight.to(dtype), {k: v.to(dtype) for k, v in tensors.items()}, method, grouping)
     return merged.to(weight.dtype)
@@ -180,7 +180,7 @@ class BoneRowFunction(torch.autograd.Function):
             x2 = x.reshape(-1, in_f).to(dtype) if need_bone else None  # (N, in)
             rows = _grad_chunk_rows(n, in_f, gx)
             gu_buf = gx.new_empty(groups, rows, b)  # (in/b, rows, b): gradient of u for a block of tokens
-            part = dtype if rows == n else _math_dtype(dtype)  # several blocks: dbone's parts in fp32
+            part = dtype if rows == n else math_dtype(dtype)  # several blocks: dbone's parts in fp32
             dbone = torch.zeros(groups, b, b, dtype=part, device=gx.device) if need_bone else None
             for start in range(0, n, rows):
                 stop = min(start + rows, n)
@@ -217,46 +217,59 @@ class RebuiltWeightFunction(torch.autograd.Function):
         x, weight, *params = ctx.saved_tensors
         method, grouping, names, dtype = ctx.spec
         out_f, in_f = weight.shape
-        math_dtype = _math_dtype(weight.dtype)
+        compute = math_dtype(weight.dtype)
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
-                leaves = [p.detach().to(math_dtype).requires_grad_() for p in params]
+                leaves = [p.detach().to(compute).requires_grad_() for p in params]
                 tensors = dict(zip(names, leaves, strict=True))
-                merged = bone_merged(weight.detach().to(math_dtype), tensors, method, grouping)
+                merged = bone_merged(weight.detach().to(compute), tensors, method, grouping)
             g = dy.reshape(-1, out_f).to(dtype)  # (N, out)
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = (g @ merged.detach().to(dtype)).view(x.shape).to(x.dtype)
             x2 = x.reshape(-1, in_f).to(dtype)  # (N, in)
-            dmerged = (g.t() @ x2).to(math_dtype)  # (out, in)
+            dmerged = (g.t() @ x2).to(compute)  # (out, in)
             grads = torch.autograd.grad(merged, leaves, dmerged)
         return (dx, None, None, None, None, *(gr.to(p.dtype) for gr, p in zip(grads, params, strict=True)))
 
 
-class BoneLinear(nn.Module):
-    """nn.Linear(bias=False) replacement: frozen `weight` (out, in) under nn.Linear's name, plus `bone`
-    (G, b, b) or `bone_A`/`bone_B`, zero-initialised (the layer starts equal to the base)."""
+class BoneLinear(AdapterLayer):
+    """Bone and its ablations: frozen `weight` (out, in) plus `bone` (G, b, b), or `bone_A`/`bone_B` for the
+    unconstrained ablation, zero-initialised (the layer starts equal to the base)."""
+
+    methods = ("bone", "bone_unconstrained", "bone_hadamard")
+    every_name = ("bone", "bone_A", "bone_B")
 
     def __init__(self, weight: nn.Parameter, cfg: AdapterConfig):
-        super().__init__()
-        out_f, in_f = weight.shape
+        super().__init__(weight, cfg)
         b = cfg.b
-        self.cfg = cfg
-        self.in_features, self.out_features = in_f, out_f
-        self.weight = weight
-        groups = in_f // b if cfg.grouping == "row" else out_f // b
-        kw = dict(device=weight.device, dtype=_math_dtype(weight.dtype))
-        if cfg.method == "bone_unconstrained":
-            self.bone_A = nn.Parameter(torch.zeros(groups, b, b, **kw))
-            self.bone_B = nn.Parameter(torch.zeros(groups, b, b, **kw))
-        else:
-            self.bone = nn.Parameter(torch.zeros(groups, b, b, **kw))
+        groups = self.in_features // b if cfg.grouping == "row" else self.out_features // b
+        for name in self.trainable_names(cfg):
+            setattr(self, name, nn.Parameter(torch.zeros(groups, b, b, **self.tensor_kwargs())))
 
-    def adapter_tensors(self) -> dict[str, Tensor]:
-        """{suffix: tensor} as used by the merge math."""
-        if self.cfg.method == "bone_unconstrained":
-            return {"bone_A": self.bone_A, "bone_B": self.bone_B}
-        return {"bone": self.bone}
+    @classmethod
+    def trainable_names(cls, cfg: AdapterConfig) -> tuple[str, ...]:
+        return ("bone_A", "bone_B") if cfg.method == "bone_unconstrained" else ("bone",)
+
+    @classmethod
+    def check_targets(cls, shapes: Mapping[str, tuple[int, int]], cfg: AdapterConfig) -> None:
+        """Every targeted (out, in) must be a multiple of b; the error lists the block sizes that would fit."""
+        b = cfg.b
+        bad = [f"{name} ({o}x{i})" for name, (o, i) in shapes.items() if o % b or i % b]
+        if bad:
+            common = math.gcd(*(d for shape in shapes.values() for d in shape))
+            valid = [d for d in range(common, 0, -1) if common % d == 0][:8]
+            raise AdapterError(f"Bone block size b={b} does not divide the (out x in) sizes of {len(bad)} layer(s): "
+                               f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Block sizes that divide every "
+                               f"targeted layer: {', '.join(map(str, valid))}.")
+
+    @classmethod
+    def merge(cls, weight: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
+        return merge_bone(weight, dict(tensors), cfg.method, cfg.grouping)
+
+    @classmethod
+    def unmerge(cls, merged: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
+        return unmerge_bone(merged, dict(tensors), cfg.method, cfg.grouping)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cfg.method == "bone" and self.cfg.grouping == "row":
@@ -264,10 +277,6 @@ class BoneLinear(nn.Module):
         tensors = self.adapter_tensors()
         return RebuiltWeightFunction.apply(x, self.weight, self.cfg.method, self.cfg.grouping, tuple(tensors),
                                            *tensors.values())
-
-    def merged_weight(self) -> Tensor:
-        """W' in the base dtype (what this layer applies)."""
-        return merge_bone(self.weight, self.adapter_tensors(), self.cfg.method, self.cfg.grouping)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.method}, "

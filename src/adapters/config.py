@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from src.errors import ConfigError
 
 METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "state", "none")
-BONE_METHODS = ("bone", "bone_unconstrained", "bone_hadamard")
 GROUPINGS = ("row", "col")
 PARTS = ("att", "ffn")
 # The eight nn.Linear projections of an RWKV6 block, as "<part>.<name>".
@@ -18,23 +17,6 @@ PROJECTIONS = (
 # Extra tensors that may be trained alongside the adapter (default: none, as in the paper's runs): LayerNorms,
 # the time_* tensors, or the initial WKV state (state tuning; added as blocks.N.att.time_state when absent).
 TRAIN_PARTS = ("ln", "time", "state")
-
-# Adapter tensor names are "<linear prefix>.<suffix>", e.g. "blocks.3.att.key.bone".
-TRAINABLE_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "bone": ("bone",),
-    "bone_hadamard": ("bone",),
-    "bone_unconstrained": ("bone_A", "bone_B"),
-    "lora": ("lora_A", "lora_B"),
-    "pissa": ("lora_A", "lora_B"),
-    "state": ("time_state",),
-    "none": (),
-}
-# Frozen adapter tensors saved with the adapter: PiSSA's initial principal part (removed from the base weight
-# while training, needed to merge onto the original base).
-FROZEN_SUFFIXES: dict[str, tuple[str, ...]] = {"pissa": ("pissa_A0", "pissa_B0")}
-ALL_SUFFIXES = ("bone", "bone_A", "bone_B", "lora_A", "lora_B", "pissa_A0", "pissa_B0")
-ADAPTER_TENSOR_SUFFIXES: tuple[str, ...] = tuple(f".{s}" for s in ALL_SUFFIXES)
-
 
 @dataclass(frozen=True)
 class AdapterConfig:

@@ -3,7 +3,6 @@ adapter parameters (which drives requires_grad, the optimizer, saving and mergin
 loading of adapter files on models, and parameter counting."""
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,15 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from src.adapters.bone import BoneLinear
-from src.adapters.config import (
-    ADAPTER_TENSOR_SUFFIXES,
-    BONE_METHODS,
-    FROZEN_SUFFIXES,
-    PROJECTIONS,
-    TRAINABLE_SUFFIXES,
-    AdapterConfig,
-)
+from src.adapters.config import PROJECTIONS, AdapterConfig
 from src.adapters.files import (
     base_shape_fingerprint,
     base_summary,
@@ -28,16 +19,16 @@ from src.adapters.files import (
     tensor_shapes,
     write_adapter_file,
 )
-from src.adapters.lora import LoRALinear
+from src.adapters.layer import AdapterLayer
+from src.adapters.methods import LAYER_TENSOR_NAMES, STATE_TENSOR_NAME, layer_class
 from src.checkpoint import key_mismatch
 from src.errors import AdapterError
 from src.rwkv6 import RWKV6, RWKV6Config, base_state_dict
 
-__all__ = ["ADAPTER_TENSOR_SUFFIXES", "inject_adapters", "adapter_parameters", "adapter_state_dict", "set_trainable",
+__all__ = ["inject_adapters", "adapter_parameters", "adapter_state_dict", "set_trainable",
            "save_adapter", "load_adapter_into", "check_adapter_fits", "expected_adapter_shapes",
            "parameter_table", "count_adapter_parameters"]
 
-AdapterLayer = (BoneLinear, LoRALinear)
 _PROJECTION_MODULE = re.compile(r"^blocks\.\d+\.((?:att|ffn)\.\w+)$")
 
 
@@ -54,24 +45,13 @@ def _targeted_linears(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, n
     return found
 
 
-def _check_divisible(linears: list[tuple[str, nn.Linear]], b: int) -> None:
-    bad = [f"{name} ({lin.out_features}x{lin.in_features})" for name, lin in linears
-           if lin.out_features % b or lin.in_features % b]
-    if bad:
-        dims = [d for _, lin in linears for d in (lin.out_features, lin.in_features)]
-        common = math.gcd(*dims)
-        valid = [d for d in range(common, 0, -1) if common % d == 0][:8]
-        raise AdapterError(f"Bone block size b={b} does not divide the (out x in) sizes of {len(bad)} layer(s): "
-                           f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Block sizes that divide every "
-                           f"targeted layer: {', '.join(map(str, valid))}.")
-
-
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, initialize: bool = True) -> list[str]:
-    """Replace the targeted nn.Linear projections by adapter layers that reuse their weight Parameter, then
-    freeze everything except `adapter_parameters(model, cfg)`. Returns the replaced module names.
+    """Replace the targeted nn.Linear projections by the method's adapter layer (reusing their weight
+    Parameter), add the initial state for state tuning, then freeze everything except
+    `adapter_parameters(model, cfg)`. Returns the replaced module names.
 
-    `initialize`: LoRA's Kaiming init / PiSSA's SVD init (skipped on the meta device); pass False when the
-    adapter tensors will be loaded from a file. Bone starts at zero either way."""
+    `initialize`: the layer's training init (LoRA's Kaiming, PiSSA's SVD; skipped on the meta device); pass
+    False when the adapter tensors will be loaded from a file. Bone and the state start at zero either way."""
     present = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     if present:
         raise AdapterError(f"the model already has adapters ({present[0]} ...); inject into a plain base model.")
@@ -80,16 +60,17 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, *, initialize: bool = 
             raise AdapterError(f"state tuning needs an RWKV6 model, got {type(model).__name__}.")
         model.enable_time_state()  # no-op for layers whose checkpoint already holds a time_state
     linears = _targeted_linears(model, cfg)
-    if cfg.method in BONE_METHODS:
-        _check_divisible(linears, cfg.b)
-    for name, linear in linears:
-        layer = BoneLinear(linear.weight, cfg) if cfg.method in BONE_METHODS else LoRALinear(linear.weight, cfg)
-        if initialize and isinstance(layer, LoRALinear) and not layer.weight.is_meta:
-            layer.initialize()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+    cls = layer_class(cfg.method)
+    if cls is not None:
+        cls.check_targets({name: (lin.out_features, lin.in_features) for name, lin in linears}, cfg)
+        for name, linear in linears:
+            layer = cls(linear.weight, cfg)
+            if initialize and not layer.weight.is_meta:
+                layer.initialize()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
     set_trainable(model, cfg)
-    return [name for name, _ in linears]
+    return [name for name, _ in linears] if cls is not None else []
 
 
 def _train_part_names(model: nn.Module, parts: Sequence[str]) -> set[str]:
@@ -106,14 +87,17 @@ def _train_part_names(model: nn.Module, parts: Sequence[str]) -> set[str]:
 
 
 def adapter_parameters(model: nn.Module, cfg: AdapterConfig) -> dict[str, nn.Parameter]:
-    """THE trainable parameters: the adapter tensors of cfg.method plus the base parameters named by
-    cfg.train_parts; for method "none" (full fine-tuning / pretraining) every parameter. Drives
-    requires_grad, the optimizer, the adapter file and merging."""
+    """THE trainable parameters: the adapter layers' trainable tensors plus the tensors named by
+    cfg.train_parts (and the initial state for --peft state); for method "none" (full fine-tuning /
+    pretraining) every parameter. Drives requires_grad, the optimizer, the adapter file and merging."""
     if cfg.method == "none":
         return dict(model.named_parameters())
-    suffixes = tuple(f".{s}" for s in TRAINABLE_SUFFIXES[cfg.method])
-    parts = _train_part_names(model, cfg.train_parts)
-    return {n: p for n, p in model.named_parameters() if (suffixes and n.endswith(suffixes)) or n in parts}
+    parts = _train_part_names(model, (*cfg.train_parts, "state") if cfg.method == "state" else cfg.train_parts)
+    chosen = {n: p for n, p in model.named_parameters() if n in parts}
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            chosen.update({f"{module_name}.{n}": p for n, p in module.adapter_params().items()})
+    return {n: p for n, p in model.named_parameters() if n in chosen}  # in the model's order
 
 
 def set_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
@@ -124,11 +108,11 @@ def set_trainable(model: nn.Module, cfg: AdapterConfig) -> None:
 
 
 def adapter_state_dict(model: nn.Module, cfg: AdapterConfig) -> dict[str, Tensor]:
-    """What an adapter file holds: adapter_parameters plus frozen adapter buffers (PiSSA's A0, B0)."""
+    """What an adapter file holds: adapter_parameters plus the layers' frozen adapter tensors (PiSSA's A0, B0)."""
     tensors: dict[str, Tensor] = {n: p.detach() for n, p in adapter_parameters(model, cfg).items()}
-    frozen = tuple(f".{s}" for s in FROZEN_SUFFIXES.get(cfg.method, ()))
-    if frozen:
-        tensors.update({n: t.detach() for n, t in model.named_buffers() if n.endswith(frozen)})
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            tensors.update({f"{module_name}.{n}": t.detach() for n, t in module.adapter_tensors().items()})
     return tensors
 
 
@@ -218,8 +202,8 @@ def load_adapter_into(model: nn.Module, path: str | Path) -> list[str]:
         for name, t in tensors.items():
             targets[name].copy_(t)
         for module in model.modules():
-            if isinstance(module, LoRALinear) and module.cfg.method == "pissa":
-                module.remove_principal_part()
+            if isinstance(module, AdapterLayer):
+                module.after_load()
     return names
 
 
@@ -231,7 +215,7 @@ def parameter_table(model: nn.Module) -> str:
             continue
         prefix, _, suffix = name.rpartition(".")
         match = _PROJECTION_MODULE.match(prefix)
-        key = match[1] if match and f".{suffix}" in ADAPTER_TENSOR_SUFFIXES else "state" if suffix == "time_state" \
+        key = match[1] if match and suffix in LAYER_TENSOR_NAMES else "state" if suffix == STATE_TENSOR_NAME \
             else "other"
         counts[key] = counts.get(key, 0) + p.numel()
     rows = []

@@ -10,19 +10,17 @@ stored A0, B0 (no SVD at load time).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.adapters.config import AdapterConfig
+from src.adapters.layer import AdapterLayer, math_dtype
 from src.errors import AdapterError
 
 PISSA_SVD_NITER = 4  # subspace iterations of torch.svd_lowrank, as in the PiSSA paper's fast init
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
@@ -39,38 +37,57 @@ def _delta(tensors: dict[str, Tensor], scaling: float, pissa: bool, dtype: torch
 
 def merge_lora(weight: Tensor, tensors: dict[str, Tensor], scaling: float, pissa: bool) -> Tensor:
     """W + s·B·A (PiSSA: minus s·B0·A0, the part that training kept out of W), fp32 math, W's dtype."""
-    dtype = _math_dtype(weight.dtype)
+    dtype = math_dtype(weight.dtype)
     with torch.no_grad():
         return (weight.to(dtype) + _delta(tensors, scaling, pissa, dtype)).to(weight.dtype)
 
 
 def unmerge_lora(merged: Tensor, tensors: dict[str, Tensor], scaling: float, pissa: bool) -> Tensor:
     """Inverse of merge_lora (subtraction), fp32 math, the merged weight's dtype."""
-    dtype = _math_dtype(merged.dtype)
+    dtype = math_dtype(merged.dtype)
     with torch.no_grad():
         return (merged.to(dtype) - _delta(tensors, scaling, pissa, dtype)).to(merged.dtype)
 
 
-class LoRALinear(nn.Module):
-    """nn.Linear(bias=False) replacement: frozen `weight` (out, in) under nn.Linear's name plus `lora_A`
-    (r, in) and `lora_B` (out, r); PiSSA layers also hold the buffers `pissa_A0`, `pissa_B0` and a residual
-    `weight`."""
+class LoRALinear(AdapterLayer):
+    """LoRA and PiSSA: frozen `weight` (out, in) plus `lora_A` (r, in) and `lora_B` (out, r); PiSSA layers also
+    hold the frozen buffers `pissa_A0`, `pissa_B0` and a residual `weight`."""
+
+    methods = ("lora", "pissa")
+    every_name = ("lora_A", "lora_B", "pissa_A0", "pissa_B0")
 
     def __init__(self, weight: nn.Parameter, cfg: AdapterConfig):
-        super().__init__()
-        out_f, in_f = weight.shape
-        r = cfg.lora_r
-        self.cfg = cfg
-        self.in_features, self.out_features = in_f, out_f
+        super().__init__(weight, cfg)
+        r, kw = cfg.lora_r, self.tensor_kwargs()
         self.scaling = cfg.lora_scaling
-        self.weight = weight
-        kw = dict(device=weight.device, dtype=_math_dtype(weight.dtype))
-        self.lora_A = nn.Parameter(torch.zeros(r, in_f, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         if cfg.method == "pissa":
-            self.register_buffer("pissa_A0", torch.zeros(r, in_f, **kw))
-            self.register_buffer("pissa_B0", torch.zeros(out_f, r, **kw))
+            self.register_buffer("pissa_A0", torch.zeros(r, self.in_features, **kw))
+            self.register_buffer("pissa_B0", torch.zeros(self.out_features, r, **kw))
         self.dropout = nn.Dropout(cfg.lora_dropout)
+
+    @classmethod
+    def trainable_names(cls, cfg: AdapterConfig) -> tuple[str, ...]:
+        return ("lora_A", "lora_B")
+
+    @classmethod
+    def frozen_names(cls, cfg: AdapterConfig) -> tuple[str, ...]:
+        return ("pissa_A0", "pissa_B0") if cfg.method == "pissa" else ()
+
+    @classmethod
+    def merge(cls, weight: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
+        return merge_lora(weight, dict(tensors), cfg.lora_scaling, pissa=cfg.method == "pissa")
+
+    @classmethod
+    def unmerge(cls, merged: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
+        return unmerge_lora(merged, dict(tensors), cfg.lora_scaling, pissa=cfg.method == "pissa")
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        """PiSSA: the file holds A0, B0 for the original base; take the principal part out of the weight."""
+        if self.cfg.method == "pissa":
+            self.remove_principal_part()
 
     @torch.no_grad()
     def initialize(self) -> None:

@@ -9,31 +9,29 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from src.adapters.bone import merge_bone, unmerge_bone
-from src.adapters.config import ALL_SUFFIXES, BONE_METHODS, AdapterConfig
-from src.adapters.lora import merge_lora, unmerge_lora
+from src.adapters.config import AdapterConfig
+from src.adapters.methods import LAYER_TENSOR_NAMES, STATE_TENSOR_NAME, layer_class
 from src.errors import AdapterError
 
 
+def _layer(cfg: AdapterConfig) -> type:
+    cls = layer_class(cfg.method)
+    if cls is None:
+        raise AdapterError(f"adapter method {cfg.method!r} has no weight to merge.")
+    return cls
+
+
 def merge_weight(weight: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
-    """W' for one linear weight (out, in); `tensors` maps suffixes ("bone", "lora_A", ...) to tensors."""
-    if cfg.method in BONE_METHODS:
-        return merge_bone(weight, dict(tensors), cfg.method, cfg.grouping)
-    if cfg.method in ("lora", "pissa"):
-        return merge_lora(weight, dict(tensors), cfg.lora_scaling, pissa=cfg.method == "pissa")
-    raise AdapterError(f"adapter method {cfg.method!r} has no weight to merge.")
+    """W' for one linear weight (out, in); `tensors` maps names ("bone", "lora_A", ...) to tensors."""
+    return _layer(cfg).merge(weight, tensors, cfg)
 
 
 def unmerge_weight(merged: Tensor, tensors: Mapping[str, Tensor], cfg: AdapterConfig) -> Tensor:
     """The exact inverse of merge_weight (Bone: per-block solve; LoRA/PiSSA: subtraction)."""
-    if cfg.method in BONE_METHODS:
-        return unmerge_bone(merged, dict(tensors), cfg.method, cfg.grouping)
-    if cfg.method in ("lora", "pissa"):
-        return unmerge_lora(merged, dict(tensors), cfg.lora_scaling, pissa=cfg.method == "pissa")
-    raise AdapterError(f"adapter method {cfg.method!r} has no weight to unmerge.")
+    return _layer(cfg).unmerge(merged, tensors, cfg)
 
 
-ADDED_SUFFIX = "time_state"  # tensors an adapter may add to a base that lacks them (state tuning)
+ADDED_SUFFIX = STATE_TENSOR_NAME  # tensors an adapter may add to a base that lacks them (state tuning)
 
 
 @dataclass
@@ -54,7 +52,7 @@ def split_adapter_tensors(adapter: Mapping[str, Tensor], base_keys: set[str] | f
     unknown = []
     for name, t in adapter.items():
         prefix, _, suffix = name.rpartition(".")
-        if suffix in ALL_SUFFIXES and f"{prefix}.weight" in base_keys:
+        if suffix in LAYER_TENSOR_NAMES and f"{prefix}.weight" in base_keys:
             split.per_weight.setdefault(f"{prefix}.weight", {})[suffix] = t
         elif name in base_keys:
             split.parts[name] = t
