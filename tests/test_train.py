@@ -54,6 +54,19 @@ def run_train(args: list[str], timeout: float = 300, **popen: object) -> subproc
                           timeout=timeout, **popen)  # type: ignore[call-overload]
 
 
+def kill_when_written(args: list[str], path: Path, timeout: float = 240) -> None:
+    """Start train.py with `args`, SIGKILL it as soon as `path` exists, and check that it did."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.exists(), f"{path} was not written before the run ended"
+
+
 @pytest.mark.slow
 def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
     straight = tmp_path / "straight"
@@ -73,16 +86,7 @@ def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_p
 
     # same run, killed right after the first training state appears, then resumed with the same command
     resumed = tmp_path / "resumed"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, "train.py", *common_args(assets, resumed)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = resumed / "checkpoints" / "state-epoch000001.ckpt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.exists()
+    kill_when_written(common_args(assets, resumed), resumed / "checkpoints" / "state-epoch000001.ckpt")
     res = run_train(common_args(assets, resumed))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout
@@ -109,16 +113,7 @@ def test_mid_epoch_states_resume_bit_identically(assets: dict[str, Path], tmp_pa
     names = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert "state-epoch000001-step000000002.ckpt" in names and "state-epoch000002.ckpt" in names, names
     killed = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, "train.py", *common_args(assets, killed, **over)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed / "checkpoints" / "state-epoch000001-step000000004.ckpt"
-    deadline = time.time() + 240
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.exists()
+    kill_when_written(common_args(assets, killed, **over), killed / "checkpoints" / "state-epoch000001-step000000004.ckpt")
     res = run_train(common_args(assets, killed, **over))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout and "-step0000" in res.stdout  # a mid-epoch state
