@@ -394,7 +394,7 @@ def section_deepspeed(ctx: CheckContext) -> SectionResult:
         cmd = [ctx.python, "train.py", "--config", PRESET, "--load_model", str(ckpt), "--data_file", str(train),
                "--val_file", str(val), "--proj_dir", str(proj), "--devices", "1", "--num_nodes", "1",
                "--ctx_len", str(ctx_len), "--micro_bsz", "1", "--accumulate_grad_batches", "1",
-               "--epoch_count", "1", "--epoch_save", "1", *hw]
+               "--epoch_count", "1", "--epoch_save", "1", "--log_every", "1", *hw]
         start = time.perf_counter()
         proc = run_killable(cmd, timeout, {**ctx.env, "WANDB_MODE": "disabled"})
         took = time.perf_counter() - start
