@@ -1,5 +1,5 @@
 """Compare PEFT methods on the demo's tiny RWKV6 base: identical data order, steps and learning rate
-(src/evaluation/compare.py says what runs and what is written).
+(src.diagnostics.compare.py says what runs and what is written).
 
     python -m scripts.compare_methods [--steps 120 --epochs 3 --b 32 --seeds 0 --out docs]
     python -m scripts.compare_methods --micro --work /tmp/cmp --out /tmp/cmp/out      # 2-step plumbing check
@@ -14,7 +14,7 @@ import os
 import sys
 
 from src.errors import RWKVBoneError
-from src.evaluation.compare import CompareSettings, Comparison
+from src.diagnostics.compare import CompareSettings, Comparison
 
 DEFAULTS = CompareSettings()
 

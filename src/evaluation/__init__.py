@@ -1,4 +1,3 @@
 """Scoring models, the evaluation room: `evaluate` holds generation with the recurrent state, GSM8K-style exact
-match, held-out loss and reading problem sets; `compare` drives the method comparison (every PEFT method
-fine-tuned by train.py from one base with identical data, then scored and plotted). The CLIs over them are
-`python -m scripts.eval` and `python -m scripts.compare_methods`."""
+match, held-out loss and reading problem sets. Training uses it for samples; the method comparison (in
+src/diagnostics/compare.py) and `python -m scripts.eval` use it to score runs."""

@@ -82,7 +82,7 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     export_on_rank0(FINAL_TAG, trainer)
     if trainer.is_global_zero:
         if metrics_path(proj).exists():
-            plot_metrics(metrics_path(proj), loss_plot_path(proj))
+            plot_metrics(proj, loss_plot_path(proj))
     return trainer
 
 

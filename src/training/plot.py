@@ -1,17 +1,15 @@
 """The loss curve of a run (train and validation loss against optimizer step) as a PNG."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from src.plotting import new_figure, save_figure
+from src.run_files import read_loss_curves
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """Loss (and validation loss) against optimizer step, written atomically as a PNG."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+def plot_metrics(proj_dir: Path, png_path: Path) -> None:
+    """Loss (and validation loss) against optimizer step from the run's metrics, written atomically as a PNG."""
+    train, val = read_loss_curves(proj_dir)
     fig, ax = new_figure()
     if train:
         ax.plot(list(train), list(train.values()), label="train loss", lw=1)
