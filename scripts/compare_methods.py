@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from src.errors import RWKVBoneError
 from src.diagnostics.compare import CompareSettings, Comparison
+from src.errors import RWKVBoneError
 
 DEFAULTS = CompareSettings()
 
