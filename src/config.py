@@ -122,6 +122,9 @@ class TrainConfig:
                                           "since the last one; 0 = off")
     wandb: str | None = _opt(None, "Weights & Biases project (WANDB_MODE=offline works without network)")
     log_every: int = _opt(1, "write metrics every N optimizer steps")
+    sample_prompts: str | None = _opt(None, "file of prompts (.jsonl {\"prompt\": ...} or .txt, one per line, \\n "
+                                            "for newlines) continued at every validation into metrics.jsonl / W&B")
+    sample_tokens: int = _opt(64, "tokens generated per sample prompt")
     dry_run: bool = _opt(False, "print the configuration and the trainable-parameter table, then stop")
 
     def validate(self) -> TrainConfig:
@@ -137,6 +140,10 @@ class TrainConfig:
                      "devices", "num_nodes", "keep_last", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.sample_prompts and not Path(self.sample_prompts).is_file():
+            raise ConfigError(f"--sample_prompts {self.sample_prompts}: no such file.")
+        if self.sample_tokens <= 0:
+            raise ConfigError(f"--sample_tokens must be a positive integer, got {self.sample_tokens}.")
         if self.save_every_steps < 0 or self.save_every_minutes < 0:
             raise ConfigError("--save_every_steps and --save_every_minutes must be >= 0 (0 = off).")
         if self.chunk_ctx < 0 or self.head_chunk < 0:

@@ -102,6 +102,21 @@ def test_end_to_end_then_kill_and_resume_is_exact(assets: dict[str, Path], tmp_p
     assert res.returncode == 2 and "different base model" in res.stderr
 
 
+def test_samples_at_every_validation_go_to_metrics(assets: dict[str, Path], tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("User: What is 2 plus 3?\\n\\nAssistant:\nUser: Hello\\n\\nAssistant:\n")
+    proj = tmp_path / "p"
+    res = run_train(common_args(assets, proj, epoch_count=2, sample_prompts=prompts, sample_tokens=8))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (proj / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in rows if "samples" in r]
+    assert len(samples) == 2 and [r["epoch"] for r in samples] == [0, 1]
+    assert [s["prompt"] for s in samples[0]["samples"]] == ["User: What is 2 plus 3?\n\nAssistant:",
+                                                            "User: Hello\n\nAssistant:"]
+    assert all(isinstance(s["output"], str) for r in samples for s in r["samples"])
+    assert (proj / "adapter-final.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_mid_epoch_states_resume_bit_identically(assets: dict[str, Path], tmp_path: Path) -> None:
     """--save_every_steps writes states inside an epoch; a run killed right after one resumes from that exact

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from src.atomic import atomic_write_text
 from src.config import TrainConfig
 from src.data.dataset import lightning_resume_position
-from src.errors import WriteError
+from src.errors import ConfigError, WriteError
 from src.run_files import epoch_tag, metrics_path, mid_epoch_state_path, state_path
 from src.training.states import list_states, replace_folder
 
@@ -96,7 +97,8 @@ class MetricsCallback(Callback):
         self._t0 = time.perf_counter()
         self._tokens = 0
 
-    def _append(self, row: dict[str, Any]) -> None:
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one row (rank 0 only), fsynced."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(self.path, "a") as f:
@@ -117,12 +119,70 @@ class MetricsCallback(Callback):
         pl_module.log("tok/s", tps, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         if trainer.is_global_zero and trainer.global_step % self.every == 0:
             m = trainer.callback_metrics
-            self._append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+            self.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
                           "loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps})
         self._t0 = time.perf_counter()
         self._tokens = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
-            self._append({"step": trainer.global_step, "epoch": trainer.current_epoch,
+            self.append({"step": trainer.global_step, "epoch": trainer.current_epoch,
                           "val_loss": float(trainer.callback_metrics["val_loss"])})
+
+
+def read_sample_prompts(path: str | Path) -> list[str]:
+    """Prompts for --sample_prompts: a .jsonl file of {"prompt": ...} (or {"text": ...}) records, or a text file
+    with one prompt per line in which the two characters backslash-n stand for a newline."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--sample_prompts {path}: no such file (a .jsonl of {{\"prompt\": ...}} or a .txt file).")
+    prompts = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_no}: not a JSON object ({e.msg}); write one {{\"prompt\": ...}} "
+                                  f"per line.") from e
+            text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:{line_no}: expected {{\"prompt\": \"...\"}}.")
+            prompts.append(text)
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise ConfigError(f"--sample_prompts {path}: no prompts in the file.")
+    return prompts
+
+
+class SampleCallback(Callback):
+    """At every validation, continue each --sample_prompts prompt greedily (up to `sample_tokens` tokens,
+    stopping at a blank line) and record what the model says: a metrics.jsonl row {"step", "samples": [...]}
+    and, with --wandb, a W&B table. Every rank generates (ZeRO-3 gathers parameters collectively); rank 0
+    records."""
+
+    def __init__(self, prompts: list[str], max_new_tokens: int, metrics: MetricsCallback, tokenizer: Any):
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        from src.evaluation.evaluate import generate
+
+        model = pl_module.model  # type: ignore[attr-defined]
+        was_training = model.training
+        samples = [{"prompt": p, "output": generate(model, self.tokenizer, p, self.max_new_tokens)}
+                   for p in self.prompts]
+        model.train(was_training)
+        if not trainer.is_global_zero:
+            return
+        self.metrics.append({"step": trainer.global_step, "epoch": trainer.current_epoch, "samples": samples})
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # WandbLogger
+                logger.log_text(key="samples", columns=["step", "prompt", "output"],
+                                data=[[trainer.global_step, s["prompt"], s["output"]] for s in samples])

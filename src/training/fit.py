@@ -11,7 +11,7 @@ from src.atomic import atomic_write_text
 from src.config import TrainConfig
 from src.run_files import FINAL_TAG, config_path, loss_plot_path, metrics_path, state_dir
 from src.rwkv6 import RWKV6
-from src.training.callbacks import MetricsCallback, TrainingStateCallback
+from src.training.callbacks import MetricsCallback, SampleCallback, TrainingStateCallback, read_sample_prompts
 from src.training.health import NonFiniteGuard
 from src.training.module import RWKVLightningModule
 from src.training.plot import plot_metrics
@@ -45,18 +45,22 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
             atomic_write_text(config_path(proj), _config_yaml(cfg))
             print(f"saved {written}")
 
+    tokenizer = WorldTokenizer()
+    metrics = MetricsCallback(cfg)
     state_callback = TrainingStateCallback(cfg, export_on_rank0)
+    callbacks: list[Any] = [metrics, state_callback,  # a step's metrics row is written before its state
+                            NonFiniteGuard(str(state_dir(cfg.proj_dir)), cfg.skip_nonfinite,
+                                           check_grads=cfg.precision != "fp16")]
+    if cfg.sample_prompts:
+        callbacks.append(SampleCallback(read_sample_prompts(cfg.sample_prompts), cfg.sample_tokens, metrics, tokenizer))
     trainer = pl.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=make_strategy(cfg),
         precision=LIGHTNING_PRECISION[cfg.precision], max_epochs=cfg.epoch_count,
         accumulate_grad_batches=cfg.accumulate_grad_batches, gradient_clip_val=cfg.grad_clip or None,
         logger=loggers or False, enable_checkpointing=False, use_distributed_sampler=False,
         num_sanity_val_steps=0, log_every_n_steps=cfg.log_every, default_root_dir=str(proj), plugins=plugins,
-        callbacks=[MetricsCallback(cfg), state_callback,  # a step's metrics row is written before its state
-                   NonFiniteGuard(str(state_dir(cfg.proj_dir)), cfg.skip_nonfinite, check_grads=cfg.precision != "fp16")],
-        enable_model_summary=False,
+        callbacks=callbacks, enable_model_summary=False,
     )
-    tokenizer = WorldTokenizer()
     world = trainer.world_size
     window = cfg.micro_bsz * cfg.accumulate_grad_batches * world
     data = build_datasets(cfg.data_file, cfg.data_type, cfg.ctx_len, tokenizer, cfg.seed,
