@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(fp32 logits of the sample: {logits_mib:.0f} MiB)\n")
     print("| head | peak memory growth (MiB) | step time (s) |\n|---|---|---|")
     print(f"| whole | {plain['peak_mib']:.0f} | {plain['seconds']:.1f} |")
-    print(f"| --head_chunk {args.head_chunk} | {chunked['peak_mib']:.0f} ({chunked['peak_mib'] / plain['peak_mib']:.2f}x) "
-          f"| {chunked['seconds']:.1f} ({chunked['seconds'] / plain['seconds']:.2f}x) |")
+    memory, time = chunked["peak_mib"] / plain["peak_mib"], chunked["seconds"] / plain["seconds"]
+    print(f"| --head_chunk {args.head_chunk} | {chunked['peak_mib']:.0f} ({memory:.2f}x) "
+          f"| {chunked['seconds']:.1f} ({time:.2f}x) |")
     return 0
 
 

@@ -19,10 +19,11 @@ def function_command(python: str, module: str, function: str, args: Sequence[str
     return [python, "-c", code, *args]
 
 
-def run_killable(cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None,
+def run_killable(cmd: Sequence[str], timeout: float | None, env: Mapping[str, str] | None,
                  cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
     """subprocess.run (output captured as text) in a new process group; on timeout the whole group (the
-    command's own workers included) is killed before TimeoutExpired is raised. env None: this process's."""
+    command's own workers included) is killed before TimeoutExpired is raised. timeout None: no limit;
+    env None: this process's."""
     proc = subprocess.Popen(list(cmd), cwd=cwd, env=None if env is None else dict(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

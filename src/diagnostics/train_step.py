@@ -200,7 +200,7 @@ def _in_fresh_process(kind: str, payload: object, env: Mapping[str, str] | None,
     """worker_main(kind, payload) in a fresh Python process (its whole process group killed after `timeout`
     seconds: subprocess.TimeoutExpired); its RESULT line, parsed; RuntimeError with its stderr if it fails."""
     cmd = function_command(python, __name__, "worker_main", [kind, json.dumps(payload)])
-    proc = run_killable(cmd, timeout if timeout is not None else 1e9, env)
+    proc = run_killable(cmd, timeout, env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} {payload} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
