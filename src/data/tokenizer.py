@@ -7,8 +7,9 @@ vocabulary file, because the package's ``decode`` panics on token sequences that
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import pyrwkv_tokenizer
 
@@ -29,7 +30,7 @@ class Tokenizer(Protocol):
 def _read_vocab_bytes(vocab_file: Path) -> list[bytes]:
     """Read ``idx <python literal> byte_len`` lines into a table id -> bytes (id 0 maps to b"")."""
     table: dict[int, bytes] = {0: b""}
-    with open(vocab_file, "r", encoding="utf-8") as f:
+    with open(vocab_file, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line:
@@ -84,11 +85,15 @@ class WorldTokenizer:
                 f"text is not valid Unicode ({e.reason}); remove lone surrogates from the data"
             ) from e
 
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The raw UTF-8 bytes of ``ids`` (a token may hold part of a character)."""
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every token id of the vocabulary file (id 0: b"")."""
         if self._id_to_bytes is None:
             self._id_to_bytes = _read_vocab_bytes(Path(self._tokenizer.vocab_filepath))
-        table = self._id_to_bytes
+        return self._id_to_bytes
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The raw UTF-8 bytes of ``ids`` (a token may hold part of a character)."""
+        table = self.token_bytes()
         pieces = []
         for position, token_id in enumerate(ids):
             token_id = int(token_id)

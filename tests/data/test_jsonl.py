@@ -24,7 +24,7 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) of each run of 1s."""
     padded = np.concatenate(([0], mask.astype(int), [0]))
     edges = np.flatnonzero(np.diff(padded))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def test_prompt_response_mask_selects_exactly_the_response(tmp_path: Path, tokenizer: WorldTokenizer) -> None:
@@ -112,7 +112,7 @@ def test_bad_sft_line(tmp_path: Path, tokenizer: WorldTokenizer, line: str, matc
     "line,match",
     [
         ("{not json}", r"bad\.jsonl:2: not valid JSON"),
-        ('{"txt": "a"}', r"bad\.jsonl:2: missing key 'text'; expected 'text'"),
+        ('{"txt": "a"}', r"bad\.jsonl:2: record has keys \['txt'\]; expected 'text'"),
         ('{"text": null}', r"bad\.jsonl:2: 'text' must be a string, got NoneType"),
         ('{"text": "\\udc00"}', r"bad\.jsonl:2: text is not valid Unicode"),
         ("[" * 100000, r"bad\.jsonl:2: not valid JSON"),
