@@ -19,7 +19,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from src.adapters.config import METHODS, PARTS, TRAIN_PARTS, AdapterConfig
-from src.data.dataset import DATA_TYPES
+from src.data.dataset import DATA_TYPES, DEFAULT_ROLE_MARKERS
 from src.errors import ConfigError
 from src.run_files import is_run_output
 from src.wkv import BACKENDS
@@ -83,6 +83,10 @@ class TrainConfig:
     data_type: str = _opt("binidx", f"{' | '.join(DATA_TYPES)}")
     val_file: str | None = _opt(None, "validation data (same type); else --val_fraction of the data is held out")
     val_fraction: float = _opt(0.02, "fraction held out for validation when no --val_file")
+    role_markers: list[str] = _opt(list(DEFAULT_ROLE_MARKERS), "sft: role names of 'Name:' turn markers in text "
+                                   "and binidx data; the loss covers assistant turns (src/data/roles.py)")
+    skip_bad_records: bool = _opt(False, "leave bad data records out, counted and reported by reason, "
+                                         "instead of stopping at the first")
     ctx_len: int = _opt(1024, "tokens per sample")
     chunk_ctx: int = _opt(0, "train each sample in chunks of N tokens with the recurrent state carried (and "
                              "backpropagated) across chunks: activation memory grows with N, not ctx_len; 0 = off")
