@@ -20,6 +20,7 @@ import yaml
 
 from src.adapters.config import METHODS, PARTS, TRAIN_PARTS, AdapterConfig
 from src.data.dataset import DATA_TYPES, DEFAULT_ROLE_MARKERS
+from src.data.roles import RoleMarkers
 from src.errors import ConfigError
 from src.run_files import is_run_output
 from src.wkv import BACKENDS
@@ -139,6 +140,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         spec = StrategySpec.parse(self.strategy)
+        RoleMarkers.parse(self.role_markers)  # a malformed --role_markers fails here, not after loading the model
         self.adapter  # noqa: B018 - validates --peft, --bone_b, --bone_grouping, --lora_*, targets and parts
         for name in ("ctx_len", "micro_bsz", "accumulate_grad_batches", "epoch_steps", "epoch_count", "epoch_save",
                      "devices", "num_nodes", "keep_last", "log_every"):
