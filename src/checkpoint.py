@@ -74,7 +74,8 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor
             return st_load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
-                f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: re-download or re-save it."
+                f"{path}: not a readable safetensors file ({e}). It is probably truncated or corrupt: "
+                f"re-download or re-save it."
             ) from e
     obj = safe_torch_load(path, mmap=mmap)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -83,7 +84,8 @@ def load_tensors(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor
             f"first (for our runs: the adapter .safetensors in proj_dir, or merge_bone.py)."
         )
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}. This is not a model checkpoint.")
+        raise CheckpointError(f"{path}: expected a flat dict of name -> tensor, got {type(obj).__name__}. "
+                              f"This is not a model checkpoint.")
     return obj
 
 
@@ -95,7 +97,8 @@ def key_mismatch(expected: Mapping[str, Sequence[int]], got: Mapping[str, Sequen
     wrong = [f"{k}: got {tuple(got[k])}, expected {tuple(expected[k])}"
              for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
     lines = []
-    for label, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "), ("wrong shape", wrong, "; ")):
+    for label, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                              ("wrong shape", wrong, "; ")):
         if items:
             lines.append(f"{label} ({len(items)}): {sep.join(items[:limit])}{' ...' if len(items) > limit else ''}")
     return lines

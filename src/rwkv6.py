@@ -55,13 +55,14 @@ class RWKV6Config:
         return self.dim_att // self.head_size
 
     @staticmethod
-    def from_state_dict(sd: dict[str, Tensor], **runtime: object) -> "RWKV6Config":
+    def from_state_dict(sd: dict[str, Tensor], **runtime: object) -> RWKV6Config:
         """Infer every size from tensor shapes of an official x060 state dict."""
         needed = ["emb.weight", "blocks.0.att.time_maa_w1", "blocks.0.att.time_decay_w1", "blocks.0.att.time_faaaa",
                   "blocks.0.att.receptance.weight", "blocks.0.ffn.key.weight"]
         missing = [k for k in needed if k not in sd]
         if missing:
-            raise CheckpointError(f"cannot infer RWKV6 sizes: missing {', '.join(missing)}; {describe_state_dict(sd.keys())}.")
+            raise CheckpointError(f"cannot infer RWKV6 sizes: missing {', '.join(missing)}; "
+                                  f"{describe_state_dict(sd.keys())}.")
         layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
         n_layer = max(layers) + 1
         vocab_size, n_embd = sd["emb.weight"].shape
@@ -326,8 +327,8 @@ class RWKV6(nn.Module):
             raise CheckpointError("\n".join(lines))
         not_float = [f"{k} ({sd[k].dtype})" for k in sorted(sd) if not sd[k].is_floating_point()]
         if not_float:
-            raise CheckpointError(f"{source}: tensors that are not floating point (quantized?): {', '.join(not_float[:8])}. "
-                                  f"Use an fp32/bf16/fp16 x060 checkpoint.")
+            raise CheckpointError(f"{source}: tensors that are not floating point (quantized?): "
+                                  f"{', '.join(not_float[:8])}. Use an fp32/bf16/fp16 x060 checkpoint.")
         not_finite = [k for k in sorted(sd) if not sd[k].is_meta and not bool(torch.isfinite(sd[k]).all())]
         if not_finite:
             raise CheckpointError(f"{source}: tensors with NaN/Inf values (not finite): {', '.join(not_finite[:8])}. "
@@ -349,7 +350,7 @@ class RWKV6(nn.Module):
         model.load_base_state_dict(sd, source=str(path))
         return model
 
-    def with_runtime(self, **runtime: object) -> "RWKV6":
+    def with_runtime(self, **runtime: object) -> RWKV6:
         """Change runtime options (wkv_backend, grad_cp) in place; returns self."""
         self.cfg = replace(self.cfg, **runtime)  # type: ignore[arg-type]
         for m in self.modules():

@@ -45,7 +45,8 @@ VOCAB = 65536  # the World tokenizer's ids need the full vocabulary
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("hostile_assets")
     torch.save(tiny_state_dict(tiny_config(n_layer=2, n_embd=64, vocab_size=VOCAB), seed=5), d / "base.pth")
-    lines = [json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"{a + b}."}) for a in range(4) for b in range(2)]
+    lines = [json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"{a + b}."})
+             for a in range(4) for b in range(2)]
     (d / "sft.jsonl").write_text("\n".join(lines) + "\n")
     return {"base": d / "base.pth", "sft": d / "sft.jsonl", "dir": d}
 
@@ -92,8 +93,8 @@ class CreatesFile:
 
 def evil_file(path: Path, content: dict[str, object], marker: Path) -> Path:
     """torch.save of `content` plus two payloads: one runs `touch marker`, one creates marker.file."""
-    torch.save({**content, "payload": RunsCommand(f"touch {marker}"), "payload2": CreatesFile(marker.with_suffix(".file"))},
-               path)
+    torch.save({**content, "payload": RunsCommand(f"touch {marker}"),
+                "payload2": CreatesFile(marker.with_suffix(".file"))}, path)
     return path
 
 
@@ -156,7 +157,8 @@ def _adapter_and_model(tmp_path: Path) -> tuple[Path, Path]:
     return adapter, base
 
 
-def test_adapter_loading_and_merge_refuse_code_running_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapter_loading_and_merge_refuse_code_running_files(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "pwned"
     adapter, base = _adapter_and_model(tmp_path)
     tensors = dict(torch.load(base, weights_only=True))
@@ -234,16 +236,18 @@ BASES: dict[str, tuple[Callable[[dict[str, Path]], object], str, str]] = {
     # id: (content, file name, expected message)
     "rwkv5": (lambda a: _tensors({"emb.weight": (VOCAB, 64), "blocks.0.att.time_mix_k": (1, 1, 64),
                                   "blocks.0.att.time_faaaa": (1, 64)}), "m.pth", "RWKV-5"),
-    "rwkv7": (lambda a: _tensors({"emb.weight": (VOCAB, 64), "blocks.0.att.w0": (1, 1, 64), "blocks.0.att.a0": (1, 1, 64)}),
-              "m.pth", "RWKV-7"),
+    "rwkv7": (lambda a: _tensors({"emb.weight": (VOCAB, 64), "blocks.0.att.w0": (1, 1, 64),
+                                  "blocks.0.att.a0": (1, 1, 64)}), "m.pth", "RWKV-7"),
     "rwkv4": (lambda a: _tensors({"emb.weight": (VOCAB, 64), "blocks.0.att.time_first": (64,)}), "m.pth", "RWKV-4"),
-    "gpt2": (lambda a: _tensors({"transformer.wte.weight": (VOCAB, 64), "transformer.h.0.attn.c_attn.weight": (64, 192)}),
-             "m.safetensors", "not an RWKV checkpoint"),
+    "gpt2": (lambda a: _tensors({"transformer.wte.weight": (VOCAB, 64),
+                                 "transformer.h.0.attn.c_attn.weight": (64, 192)}), "m.safetensors",
+             "not an RWKV checkpoint"),
     "lightning_ckpt": (lambda a: {"state_dict": _base(a), "epoch": 3}, "m.ckpt", "training checkpoint"),
     "wrapped_keys": (lambda a: {f"model.{k}": v for k, v in _base(a).items()}, "m.pth", "'model.'"),
     "not_a_dict": (lambda a: [torch.zeros(3)], "m.pth", "flat dict"),
     "nan_weight": (_poisoned(float("nan")), "m.pth", r"(?=.*blocks\.1\.att\.key\.weight)(?=.*NaN/Inf)"),
-    "inf_weight": (_poisoned(float("inf"), torch.bfloat16), "m.safetensors", r"(?=.*blocks\.1\.att\.key\.weight)(?=.*NaN/Inf)"),
+    "inf_weight": (_poisoned(float("inf"), torch.bfloat16), "m.safetensors",
+                   r"(?=.*blocks\.1\.att\.key\.weight)(?=.*NaN/Inf)"),
     "int8_weights": (_int8, "m.pth", r"(?=.*key\.weight \(torch\.int8\))(?=.*not floating point)"),
 }
 
@@ -369,11 +373,13 @@ def mutated_adapter(draw: st.DrawFn, source: Path) -> bytes:
             if part == "delete":
                 del header[key]
             elif part == "dtype":
-                header[key]["dtype"] = draw(st.sampled_from(["F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X"]))
+                header[key]["dtype"] = draw(
+                    st.sampled_from(["F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X"]))
             elif part == "shape":
                 header[key]["shape"] = draw(st.lists(st.integers(0, 70), max_size=4))
             else:
-                header[key]["data_offsets"] = sorted(draw(st.lists(st.integers(0, len(body) + 64), min_size=2, max_size=2)))
+                header[key]["data_offsets"] = sorted(
+                    draw(st.lists(st.integers(0, len(body) + 64), min_size=2, max_size=2)))
     raw = json.dumps(header).encode()
     data = bytearray(struct.pack("<Q", len(raw)) + raw + body)
     for _ in range(draw(st.integers(0, 3))):
@@ -569,7 +575,8 @@ def test_prepare_data_refuses_to_overwrite_its_input(tmp_path: Path) -> None:
     source.write_text('{"text": "hello"}\n')
     before = source.read_bytes()
     res = subprocess.run([sys.executable, "-m", "scripts.prepare_data", "--input", str(source), "--output_prefix",
-                          str(tmp_path / "d"), "--quiet"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "d"), "--quiet"], check=False, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode != 0 and "Traceback" not in res.stderr and "d.bin" in res.stderr
     assert source.read_bytes() == before
 

@@ -252,7 +252,8 @@ def _write_tensors(suffix: str) -> Callable[[Path, int], None]:
 
 
 def _write_state(path: Path, seed: int) -> None:
-    SafeAtomicCheckpointIO().save_checkpoint({"state_dict": _big_tensors(seed), "epoch": seed}, path.with_suffix(".ckpt"))
+    SafeAtomicCheckpointIO().save_checkpoint({"state_dict": _big_tensors(seed), "epoch": seed},
+                                             path.with_suffix(".ckpt"))
 
 
 def _write_text(path: Path, seed: int) -> None:
@@ -400,7 +401,7 @@ def test_nan_loss_stops_before_the_step_changes_anything() -> None:
                                                  r"\(epoch 1\).*proj/checkpoints"):
         fit_toy(model, NonFiniteGuard("proj/checkpoints"), snaps=snaps)
     assert sorted(snaps.after) == [1, 2]
-    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), snaps.after[2]))
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), snaps.after[2], strict=False))
 
 
 def test_nan_loss_with_accumulation_names_the_micro_batch() -> None:
@@ -420,8 +421,8 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps_then_stops_at_the_limit() ->
     snaps = fit_toy(Toy(poison={2, 4}), NonFiniteGuard("c", skip_limit=2))
     assert len(snaps.after) == 6
     for skipped in (2, 4):  # weights and Adam moments exactly as before the skipped step
-        assert all(torch.equal(a, b) for a, b in zip(snaps.after[skipped], snaps.after[skipped - 1]))
-    assert not all(torch.equal(a, b) for a, b in zip(snaps.after[3], snaps.after[2]))
+        assert all(torch.equal(a, b) for a, b in zip(snaps.after[skipped], snaps.after[skipped - 1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(snaps.after[3], snaps.after[2], strict=True))
     assert all(torch.isfinite(t).all() for t in snaps.after[6])
     with pytest.raises(NonFiniteLossError, match=r"optimizer step 5 .*after skipping 2 step\(s\)"):
         fit_toy(Toy(poison={2, 4, 5}), NonFiniteGuard("c", skip_limit=2))

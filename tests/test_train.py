@@ -128,7 +128,8 @@ def test_mid_epoch_states_resume_bit_identically(assets: dict[str, Path], tmp_pa
     names = sorted(p.name for p in (straight / "checkpoints").iterdir())
     assert "state-epoch000001-step000000002.ckpt" in names and "state-epoch000002.ckpt" in names, names
     killed = tmp_path / "killed"
-    kill_when_written(common_args(assets, killed, **over), killed / "checkpoints" / "state-epoch000001-step000000004.ckpt")
+    kill_when_written(common_args(assets, killed, **over),
+                      killed / "checkpoints" / "state-epoch000001-step000000004.ckpt")
     res = run_train(common_args(assets, killed, **over))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout and "-step0000" in res.stdout  # a mid-epoch state
@@ -207,7 +208,8 @@ def test_yaml_config_and_flag_override(tmp_path: Path) -> None:
         load_config(["--load_model", "m.pth", "--n_layer", "3", "--data_file", "d"])
 
 
-@pytest.mark.parametrize("layers, embd, total", [(24, 2048, 33_030_144), (32, 2560, 55_050_240), (32, 4096, 88_080_384)],
+@pytest.mark.parametrize("layers, embd, total",
+                         [(24, 2048, 33_030_144), (32, 2560, 55_050_240), (32, 4096, 88_080_384)],
                          ids=["1.6B", "3B", "7B"])
 @pytest.mark.parametrize("peft", ["bone", "bone_col", "lora"])
 def test_dry_run_parameter_report(capsys: pytest.CaptureFixture[str], layers: int, embd: int, total: int,

@@ -36,8 +36,8 @@ def base_summary(shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
 
 
 def describe_base(meta: Mapping[str, str]) -> str:
-    return (f"n_layer={meta.get('n_layer', '?')}, n_embd={meta.get('n_embd', '?')}, dim_ffn={meta.get('dim_ffn', '?')}, "
-            f"vocab_size={meta.get('vocab_size', '?')}")
+    return (f"n_layer={meta.get('n_layer', '?')}, n_embd={meta.get('n_embd', '?')}, "
+            f"dim_ffn={meta.get('dim_ffn', '?')}, vocab_size={meta.get('vocab_size', '?')}")
 
 
 def write_adapter_file(path: str | Path, tensors: Mapping[str, Tensor], cfg: AdapterConfig,
@@ -87,8 +87,8 @@ def load_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], AdapterConfi
         raise AdapterError(f"{path}: corrupt adapter metadata (no base_fingerprint); re-save the adapter.")
     not_finite = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if not_finite:
-        raise AdapterError(f"{path}: adapter tensors with NaN/Inf values (not finite): {', '.join(not_finite[:8])}. The "
-                           f"run that wrote it diverged or the file is corrupt; use an earlier adapter-epoch file.")
+        raise AdapterError(f"{path}: adapter tensors with NaN/Inf values (not finite): {', '.join(not_finite[:8])}. "
+                           f"The run that wrote it diverged or the file is corrupt; use an earlier adapter-epoch file.")
     return tensors, cfg, meta
 
 

@@ -66,7 +66,8 @@ def split_adapter_tensors(adapter: Mapping[str, Tensor], base_keys: set[str] | f
     return split
 
 
-def merge_state_dict(base: Mapping[str, Tensor], adapter: Mapping[str, Tensor], cfg: AdapterConfig) -> dict[str, Tensor]:
+def merge_state_dict(base: Mapping[str, Tensor], adapter: Mapping[str, Tensor],
+                     cfg: AdapterConfig) -> dict[str, Tensor]:
     """A new state dict: targeted weights merged, trained extra parts (train_parts) replaced, a trained initial
     state added (fp32, as `blocks.N.att.time_state`), the rest shared."""
     split = split_adapter_tensors(adapter, frozenset(base))
@@ -80,7 +81,8 @@ def merge_state_dict(base: Mapping[str, Tensor], adapter: Mapping[str, Tensor], 
     return out
 
 
-def unmerge_state_dict(merged: Mapping[str, Tensor], adapter: Mapping[str, Tensor], cfg: AdapterConfig) -> dict[str, Tensor]:
+def unmerge_state_dict(merged: Mapping[str, Tensor], adapter: Mapping[str, Tensor],
+                       cfg: AdapterConfig) -> dict[str, Tensor]:
     """Inverse of merge_state_dict (an added initial state is removed again). Refuses adapters with trained extra
     parts (their old values are not stored)."""
     added = {k for k in adapter if k.endswith(f".{ADDED_SUFFIX}") and k in merged}

@@ -35,7 +35,8 @@ class TrainingStateCallback(Callback):
         self.sampler = sampler  # the training EpochSampler, positioned on a mid-epoch resume
         self._last_save = time.monotonic()
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         if self.sampler is not None:
             epoch, consumed = lightning_resume_position(checkpoint, self.cfg.micro_bsz, trainer.world_size)
             self.sampler.set_position(epoch, consumed)
@@ -49,7 +50,8 @@ class TrainingStateCallback(Callback):
             late = time.monotonic() - self._last_save >= 60 * self.cfg.save_every_minutes
             due = due or bool(trainer.strategy.broadcast(late))  # rank 0's clock decides for every rank
         if due:
-            self._write(trainer, mid_epoch_state_path(self.cfg.proj_dir, trainer.current_epoch + 1, trainer.global_step))
+            self._write(trainer,
+                        mid_epoch_state_path(self.cfg.proj_dir, trainer.current_epoch + 1, trainer.global_step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1

@@ -50,7 +50,8 @@ class SafeDeepSpeedStrategy(DeepSpeedStrategy):
             engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
         model_states = sorted(Path(checkpoint_path).glob("checkpoint/*model_states.pt"))
         if not model_states:
-            raise CheckpointError(f"{checkpoint_path}: not a DeepSpeed training state (no checkpoint/*model_states.pt).")
+            raise CheckpointError(f"{checkpoint_path}: not a DeepSpeed training state "
+                                  f"(no checkpoint/*model_states.pt).")
         saved = {k: () for k in safe_load(model_states[0], "cpu")["module"]}
         trainable = {n: () for n, p in engine.module.named_parameters() if p.requires_grad}
         report = key_mismatch(trainable, saved, limit=5)

@@ -84,7 +84,7 @@ class NonFiniteGuard(Callback):
         if not losses:
             return []
         values = torch.stack([v.float().reshape(()) for _, v in losses]).cpu().tolist()  # (micro-batches,)
-        return [(i, v) for (i, _), v in zip(losses, values) if not math.isfinite(v)]
+        return [(i, v) for (i, _), v in zip(losses, values, strict=True) if not math.isfinite(v)]
 
     @staticmethod
     def _first_nonfinite_grad(pl_module: pl.LightningModule) -> str | None:

@@ -44,7 +44,8 @@ class RWKVLightningModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_named_parameters()
         if "state_dict" in checkpoint:  # absent under DeepSpeed, which saves module states itself
-            checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in checkpoint["state_dict"].items()
+                                        if k in trainable}
         checkpoint["rwkv_bone"] = {
             "base_fingerprint": self.base_fp,
             "adapter_fingerprint": self.cfg.adapter_fingerprint(),
@@ -63,20 +64,23 @@ class RWKVLightningModule(pl.LightningModule):
                 "or start a new run in another --proj_dir."
             )
         old = json.loads(meta["config"])
-        refused = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED if old.get(k) != getattr(self.cfg, k)]
+        refused = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED
+                   if old.get(k) != getattr(self.cfg, k)]
         if refused:
             raise CheckpointError(
                 "refusing to resume: " + "; ".join(refused) + ". These settings decide which samples each optimizer "
                 "step reads, so the run could not continue where it stopped. Resume with the original values, or start "
                 "a new run in another --proj_dir."
             )
-        changed = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_SCHEDULE if old.get(k) != getattr(self.cfg, k)]
+        changed = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_SCHEDULE
+                   if old.get(k) != getattr(self.cfg, k)]
         if changed:
-            print("resuming with a changed schedule (" + "; ".join(changed) + "): from the resumed step on, the learning "
-                  "rate follows the new settings.")
+            print("resuming with a changed schedule (" + "; ".join(changed) + "): from the resumed step on, the "
+                  "learning rate follows the new settings.")
         if meta["adapter_fingerprint"] != self.cfg.adapter_fingerprint():
             diffs = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in
-                     ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts", "ctx_len")
+                     ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts",
+                      "ctx_len")
                      if old.get(k) != getattr(self.cfg, k)]
             raise CheckpointError(
                 "refusing to resume: the adapter configuration differs from the run being resumed ("
@@ -91,7 +95,8 @@ class RWKVLightningModule(pl.LightningModule):
                               limit=5)
         if report:
             raise CheckpointError("the training state does not fit this run's trainable tensors: " + "; ".join(report)
-                                  + ". Resume with the same --peft/--bone_b/--bone_grouping/targets as the original run.")
+                                  + ". Resume with the same --peft/--bone_b/--bone_grouping/targets as the "
+                                  "original run.")
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(state_dict[k])

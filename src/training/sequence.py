@@ -59,7 +59,8 @@ def _chunk(model: RWKV6, idx: Tensor, target: Tensor, mask: Tensor, state: list[
         piece = slice(start, start + head_chunk)
         args = (model, x[:, piece], target[:, piece], mask[:, piece], scale, min(max(l2_len - start, 0), head_chunk),
                 positions)
-        obj, ls, n = checkpoint(_head_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _head_loss(*args)
+        obj, ls, n = (checkpoint(_head_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
+                      else _head_loss(*args))
         objective = obj if objective is None else objective + obj
         loss_sum = ls if loss_sum is None else loss_sum + ls
         n_tokens = n if n_tokens is None else n_tokens + n

@@ -32,7 +32,8 @@ def saved_adapter(tmp_path: Path, cfg: AdapterConfig, random_seed: int = 7) -> t
     return path, model
 
 
-CONFIGS = ALL_METHOD_CONFIGS + [AdapterConfig(method="bone", b=32, targets=("att.key", "ffn"), train_parts=("ln", "time"))]
+CONFIGS = ALL_METHOD_CONFIGS + [AdapterConfig(method="bone", b=32, targets=("att.key", "ffn"),
+                                              train_parts=("ln", "time"))]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: config_id(c) + ("+parts" if c.train_parts else ""))

@@ -11,7 +11,8 @@ from src.errors import AdapterError
 from tests.adapters.reference import naive_lora, rel_err
 
 
-def make_layer(out_f: int, in_f: int, cfg: AdapterConfig, weight: torch.Tensor | None = None, seed: int = 0) -> LoRALinear:
+def make_layer(out_f: int, in_f: int, cfg: AdapterConfig, weight: torch.Tensor | None = None,
+               seed: int = 0) -> LoRALinear:
     gen = torch.Generator().manual_seed(seed)
     if weight is None:
         weight = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
@@ -35,7 +36,7 @@ def test_lora_matches_naive_formula_float64(out_f: int, in_f: int, r: int, alpha
     y_ref = x_ref @ naive_lora(layer.weight, {"lora_A": a, "lora_B": b}, alpha / r, pissa=False).t()
     ref = torch.autograd.grad(y_ref, [x_ref, a, b], dy)
     assert rel_err(y, y_ref) < 1e-12
-    for g, gr in zip(got, ref):
+    for g, gr in zip(got, ref, strict=True):
         assert rel_err(g, gr) < 1e-12
 
 
@@ -56,7 +57,8 @@ def test_pissa_init_keeps_the_function_and_takes_the_principal_part() -> None:
     gen = torch.Generator().manual_seed(1)
     u, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(24, 24, generator=gen, dtype=torch.float64))
-    spectrum = torch.cat([torch.tensor([50.0, 40.0, 30.0, 20.0], dtype=torch.float64), 0.1 * torch.rand(20, generator=gen)])
+    spectrum = torch.cat([torch.tensor([50.0, 40.0, 30.0, 20.0], dtype=torch.float64),
+                          0.1 * torch.rand(20, generator=gen)])
     weight = u[:, :24] @ torch.diag(spectrum) @ v.t()  # (32, 24) with a clear rank-4 principal part
     cfg = AdapterConfig(method="pissa", lora_r=4, lora_alpha=8)
     layer = make_layer(32, 24, cfg, weight=weight)

@@ -118,7 +118,7 @@ def test_merge_writes_the_state_where_the_rwkv_package_reads_it(tmp_path: Path) 
     inject_adapters(model, acfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for n, p in adapter_parameters(model, acfg).items():
+        for _n, p in adapter_parameters(model, acfg).items():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)  # a trained-looking state
     adapter_path = tmp_path / "state.safetensors"
     save_adapter(model, acfg, adapter_path)

@@ -17,8 +17,9 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -112,7 +113,8 @@ def _fit(stage: int, proj: Path, epochs: int, resume: Path | None = None, precis
         accelerator="cpu", devices=1, strategy=cpu_strategy(stage), precision=LIGHTNING_PRECISION[precision],
         max_epochs=epochs, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=cfg.grad_clip or None, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=str(proj), callbacks=[TrainingStateCallback(cfg, lambda tag, tr: exported.append(weights_file(proj, tag).name))],
+        default_root_dir=str(proj),
+        callbacks=[TrainingStateCallback(cfg, lambda tag, tr: exported.append(weights_file(proj, tag).name))],
     )
     loader = DataLoader(_samples(STEPS_PER_EPOCH, seed=1), batch_size=MICRO_BSZ, shuffle=False)
     trainer.fit(lm, loader, ckpt_path=str(resume) if resume else None)
@@ -216,7 +218,8 @@ def worker(stage: int, out: Path) -> None:
                                                 extra_trainable=(EXTRA_TRAINABLE,)))
     for shard in ("model_states", "optim_states"):
         bad = _poisoned_copy(_state(out / "B", 1), out / f"poison_{shard}", f"*{shard}.pt", out / f"ran_{shard}")
-        results[f"poison_{shard}"] = _refused(lambda: _fit(stage, out / f"E_{shard}", epochs=2, resume=bad))
+        results[f"poison_{shard}"] = _refused(lambda shard=shard, bad=bad: _fit(stage, out / f"E_{shard}", epochs=2,
+                                                                               resume=bad))
     tensors.update(_grad_check(stage, out / "G"))
     bf16 = _fit(stage, out / "H", epochs=1, precision="bf16")
     results["bf16"] = {"loss": bf16["loss"], "global_step": bf16["global_step"]}
@@ -232,8 +235,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
            "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"),  # any JIT build stays out of the shared cache
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.training.test_deepspeed", str(stage), str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    proc = subprocess.run([sys.executable, "-m", "tests.training.test_deepspeed", str(stage), str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     assert proc.returncode == 0, f"DeepSpeed CPU worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {"stage": stage, "out": out, "results": json.loads((out / "results.json").read_text()),
             "tensors": load_file(str(out / "tensors.safetensors"))}
