@@ -65,7 +65,9 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     window = cfg.micro_bsz * cfg.accumulate_grad_batches * world
     data = build_datasets(cfg.data_file, cfg.data_type, cfg.ctx_len, tokenizer, cfg.seed,
                           val_fraction=0.0 if cfg.val_file else cfg.val_fraction, val_file=cfg.val_file,
-                          num_samples=cfg.epoch_steps * window, vocab_size=model.cfg.vocab_size)
+                          num_samples=cfg.epoch_steps * window, vocab_size=model.cfg.vocab_size,
+                          role_markers=cfg.role_markers, skip_bad_records=cfg.skip_bad_records,
+                          log=print if trainer.is_global_zero else None)
     loaders = make_loaders(data.train, data.val, cfg.micro_bsz, cfg.accumulate_grad_batches, trainer.global_rank, world)
     state_callback.sampler = loaders.train.sampler  # positioned on a mid-epoch resume
     total_steps = loaders.steps_per_epoch * cfg.epoch_count

@@ -19,8 +19,8 @@ from src.training.sequence import sequence_loss
 
 # Settings a resumed run must share with the run it resumes (they decide which samples a step reads), and the
 # schedule settings that may change on resume (the new values apply from the resumed step on).
-RESUME_FIXED = ("micro_bsz", "accumulate_grad_batches", "epoch_steps", "devices", "num_nodes", "data_file",
-                "data_type", "seed")
+RESUME_FIXED = ("micro_bsz", "accumulate_grad_batches", "epoch_steps", "devices", "num_nodes", "data_type", "seed",
+                "role_markers", "skip_bad_records")
 RESUME_SCHEDULE = ("lr_init", "lr_final", "lr_schedule", "warmup_steps", "epoch_count")
 
 
@@ -64,8 +64,8 @@ class RWKVLightningModule(pl.LightningModule):
                 "or start a new run in another --proj_dir."
             )
         old = json.loads(meta["config"])
-        refused = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED
-                   if old.get(k) != getattr(self.cfg, k)]
+        refused = [f"{k}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED  # keys older states lack: skip
+                   if k in old and old[k] != getattr(self.cfg, k)]
         if refused:
             raise CheckpointError(
                 "refusing to resume: " + "; ".join(refused) + ". These settings decide which samples each optimizer "
