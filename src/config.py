@@ -18,7 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from src.adapters.config import METHODS, PARTS, TRAIN_PARTS, AdapterConfig
+from src.adapters.config import METHODS, PARTS, QUANT_CHOICES, TRAIN_PARTS, AdapterConfig
 from src.data.dataset import DATA_TYPES, DEFAULT_ROLE_MARKERS
 from src.data.roles import RoleMarkers
 from src.errors import ConfigError
@@ -31,7 +31,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")  # what runs in which dtype per strategy: 
 LR_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 # Settings that describe the adapter (and data shape) a resumed run must share with the run it resumes.
 ADAPTER_SETTINGS = ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts",
-                    "ctx_len")
+                    "ctx_len", "quant")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class TrainConfig:
     n_layer: int | None = _opt(None, "layers, only without --load_model (training from scratch, --dry_run)")
     n_embd: int | None = _opt(None, "embedding size, only without --load_model")
     vocab_size: int | None = _opt(None, "vocabulary size, only without --load_model (65536 for World)")
+    quant: str = _opt("none", f"frozen base projections held as {' | '.join(QUANT_CHOICES)} (bitsandbytes; src/quant)")
     wkv_backend: str = _opt("auto", f"WKV6 kernel: {' | '.join(BACKENDS)} (auto = cuda > fla > torch)")
     # adapter
     peft: str = _opt("bone", f"method: {' | '.join(METHODS)} (none = full training)")
@@ -77,6 +78,7 @@ class TrainConfig:
     lora_r: int = _opt(32, "LoRA/PiSSA rank")
     lora_alpha: float = _opt(32.0, "LoRA/PiSSA alpha (scaling = alpha / r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
+    miss_r: int = _opt(64, "MiSS rank r (--peft miss: one (r, out) shard shared across the input)")
     adapter_targets: list[str] = _opt(list(PARTS), f"parts {' '.join(PARTS)} or projections like att.key")
     train_parts: list[str] = _opt([], f"extra trainable base tensors: {' '.join(TRAIN_PARTS)} (default none)")
     # data
@@ -177,6 +179,9 @@ class TrainConfig:
         if not self.load_model and self.peft != "none" and not self.dry_run:
             raise ConfigError(f"--peft {self.peft} fine-tunes a base model: give --load_model, or use --peft none to "
                               f"train a model from scratch.")
+        if self.quant != "none" and self.peft == "none":
+            raise ConfigError(f"--quant {self.quant} freezes the base in {self.quant}: it needs an adapter method "
+                              f"(--peft bone, lora, ...); full training (--peft none) needs a dense base (--quant none).")
         if not self.dry_run and not self.data_file:
             raise ConfigError("--data_file is required (a binidx prefix or a .jsonl file).")
         proj = Path(self.proj_dir)
@@ -199,15 +204,19 @@ class TrainConfig:
     def adapter(self) -> AdapterConfig:
         """The AdapterConfig these settings describe (ConfigError naming the flag when one is invalid)."""
         return AdapterConfig(method=self.peft, b=self.bone_b, grouping=self.bone_grouping, lora_r=self.lora_r,
-                             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                             targets=tuple(self.adapter_targets), train_parts=tuple(self.train_parts))
+                             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, miss_r=self.miss_r,
+                             targets=tuple(self.adapter_targets), train_parts=tuple(self.train_parts),
+                             quant=self.quant)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def adapter_fingerprint(self) -> str:
         """Hash of the settings a resumed run must share with the run it resumes (adapter and data shape)."""
-        payload = json.dumps({k: getattr(self, k) for k in ADAPTER_SETTINGS}, sort_keys=True)
+        settings = {k: getattr(self, k) for k in ADAPTER_SETTINGS}
+        if settings["quant"] == "none":
+            del settings["quant"]  # runs from before --quant keep their fingerprint
+        payload = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # room -> layer, bottom to top (docs/architecture.md)
 LAYERS = {
     "errors": 0, "atomic": 0, "checkpoint": 0, "run_files": 0, "plotting": 0,
-    "wkv": 1, "rwkv6": 1, "loss": 1, "data": 1,
+    "wkv": 1, "rwkv6": 1, "loss": 1, "data": 1, "quant": 1,
     "adapters": 2,
     "model": 3, "config": 3,
     "evaluation": 4,

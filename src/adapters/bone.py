@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from src.adapters.config import AdapterConfig
 from src.adapters.layer import AdapterLayer, math_dtype
 from src.errors import AdapterError
+from src.quant import QuantWeight, dense
 
 
 def _blocks(weight: Tensor, b: int) -> Tensor:
@@ -158,15 +159,21 @@ class BoneRowFunction(torch.autograd.Function):
             xug.baddbmm_(x2.view(n, groups, b).transpose(0, 1), bone.to(dtype).transpose(1, 2), beta=0)  # u_c
             s = xu.view(n, groups, b).sum(1)  # (N, b) = Σ_c u_c, accumulated in fp32 for bf16/fp16
             y = s.unsqueeze(1).expand(n, out_f // b, b).reshape(n, out_f)  # (N, out) = tile(s)
-            y.addmm_(xu.add_(x2), weight.to(dtype).t())  # += (x + u)·Wᵀ, rounded once
+            if isinstance(weight, QuantWeight):
+                y.add_(weight.matmul(xu.add_(x2)))  # += (x + u)·Wᵀ on the quantised weight
+            else:
+                y.addmm_(xu.add_(x2), weight.to(dtype).t())  # += (x + u)·Wᵀ, rounded once
             del xu
-        ctx.save_for_backward(x, weight, bone)
+        quantized = isinstance(weight, QuantWeight)
+        ctx.save_for_backward(x, None if quantized else weight, bone)
+        ctx.quant_weight = weight if quantized else None
         ctx.compute_dtype = dtype
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
         x, weight, bone = ctx.saved_tensors
+        weight = ctx.quant_weight if weight is None else weight
         dtype = ctx.compute_dtype
         out_f, in_f = weight.shape
         groups, b, _ = bone.shape
@@ -175,7 +182,8 @@ class BoneRowFunction(torch.autograd.Function):
             g = dy.reshape(-1, out_f).to(dtype)  # (N, out)
             n = g.shape[0]
             gs = g.view(n, out_f // b, b).sum(1)  # (N, b): gradient of s
-            gx = g @ weight.to(dtype)  # (N, in): gradient of x + u; becomes dx in place
+            # (N, in): gradient of x + u; becomes dx in place
+            gx = weight.matmul_t(g) if isinstance(weight, QuantWeight) else g @ weight.to(dtype)
             m = bone.to(dtype)
             x2 = x.reshape(-1, in_f).to(dtype) if need_bone else None  # (N, in)
             rows = _grad_chunk_rows(n, in_f, gx)
@@ -206,15 +214,19 @@ class RebuiltWeightFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             tensors = dict(zip(names, params, strict=True))
-            merged = merge_bone(weight, tensors, method, grouping).to(dtype)  # (out, in)
+            merged = merge_bone(dense(weight), tensors, method, grouping).to(dtype)  # (out, in)
             y = F.linear(x.to(dtype), merged)
-        ctx.save_for_backward(x, weight, *params)
+            del merged
+        quantized = isinstance(weight, QuantWeight)  # dequantised here and again in backward, never saved
+        ctx.save_for_backward(x, None if quantized else weight, *params)
+        ctx.quant_weight = weight if quantized else None
         ctx.spec = (method, grouping, names, dtype)
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, *params = ctx.saved_tensors
+        weight = ctx.quant_weight if weight is None else weight
         method, grouping, names, dtype = ctx.spec
         out_f, in_f = weight.shape
         compute = math_dtype(weight.dtype)
@@ -222,7 +234,7 @@ class RebuiltWeightFunction(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [p.detach().to(compute).requires_grad_() for p in params]
                 tensors = dict(zip(names, leaves, strict=True))
-                merged = bone_merged(weight.detach().to(compute), tensors, method, grouping)
+                merged = bone_merged(dense(weight).detach().to(compute), tensors, method, grouping)
             g = dy.reshape(-1, out_f).to(dtype)  # (N, out)
             dx = None
             if ctx.needs_input_grad[0]:
@@ -240,7 +252,7 @@ class BoneLinear(AdapterLayer):
     methods = ("bone", "bone_unconstrained", "bone_hadamard")
     every_name = ("bone", "bone_A", "bone_B")
 
-    def __init__(self, weight: nn.Parameter, cfg: AdapterConfig):
+    def __init__(self, weight: nn.Parameter | QuantWeight, cfg: AdapterConfig):
         super().__init__(weight, cfg)
         b = cfg.b
         groups = self.in_features // b if cfg.grouping == "row" else self.out_features // b

@@ -17,6 +17,8 @@ PROJECTIONS = (
 # Extra tensors that may be trained alongside the adapter (default: none, as in the paper's runs): LayerNorms,
 # the time_* tensors, or the initial WKV state (state tuning; added as blocks.N.att.time_state when absent).
 TRAIN_PARTS = ("ln", "time", "state")
+# The frozen base's quantisation the adapter was trained on (src/quant): "none" or bitsandbytes int8 / nf4.
+QUANT_CHOICES = ("none", "int8", "nf4")
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -31,6 +33,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     targets: tuple[str, ...] = PARTS
     train_parts: tuple[str, ...] = ()
+    quant: str = "none"  # the base quantisation trained on (recorded in the adapter file; merge target choice)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -59,6 +62,8 @@ class AdapterConfig:
         if self.method == "none" and self.train_parts:
             raise ConfigError("method 'none' already trains every parameter (full fine-tuning); train_parts only "
                               "applies with an adapter method.")
+        if self.quant not in QUANT_CHOICES:
+            raise ConfigError(f"--quant {self.quant!r} is unknown; use one of {', '.join(QUANT_CHOICES)}.")
         bad = [p for p in self.train_parts if p not in TRAIN_PARTS]
         if bad:
             raise ConfigError(f"--train_parts {bad} are unknown; use any of {list(TRAIN_PARTS)} or none.")
@@ -81,7 +86,7 @@ class AdapterConfig:
         return {
             "method": self.method, "b": str(self.b), "grouping": self.grouping, "lora_r": str(self.lora_r),
             "lora_alpha": repr(float(self.lora_alpha)), "lora_dropout": repr(float(self.lora_dropout)),
-            "targets": ",".join(self.targets), "train_parts": ",".join(self.train_parts),
+            "targets": ",".join(self.targets), "train_parts": ",".join(self.train_parts), "quant": self.quant,
         }
 
     @staticmethod
@@ -93,4 +98,5 @@ class AdapterConfig:
             lora_alpha=float(meta["lora_alpha"]), lora_dropout=float(meta["lora_dropout"]),
             targets=tuple(t for t in meta["targets"].split(",") if t),
             train_parts=tuple(t for t in meta["train_parts"].split(",") if t),
+            quant=meta.get("quant", "none"),  # absent in files written before quantised bases
         )

@@ -23,11 +23,12 @@ from src.adapters.layer import AdapterLayer
 from src.adapters.methods import LAYER_TENSOR_NAMES, STATE_TENSOR_NAME, layer_class
 from src.checkpoint import key_mismatch
 from src.errors import AdapterError
+from src.quant import QuantLinear, QuantWeight
 from src.rwkv6 import RWKV6, RWKV6Config, base_state_dict
 
 __all__ = ["inject_adapters", "adapter_parameters", "adapter_state_dict", "set_trainable",
            "save_adapter", "load_adapter_into", "check_adapter_fits", "expected_adapter_shapes",
-           "parameter_table", "count_adapter_parameters"]
+           "parameter_table", "count_adapter_parameters", "model_base_shapes"]
 
 _PROJECTION_MODULE = re.compile(r"^blocks\.\d+\.((?:att|ffn)\.\w+)$")
 
@@ -38,7 +39,7 @@ def _targeted_linears(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, n
     for name, module in model.named_modules():
         match = _PROJECTION_MODULE.match(name)
         if match and match[1] in wanted:
-            if not isinstance(module, nn.Linear) or module.bias is not None:
+            if not isinstance(module, (nn.Linear, QuantLinear)) or module.bias is not None:
                 raise AdapterError(f"{name} is a {type(module).__name__}, not an nn.Linear without bias; "
                                    f"adapters go onto a plain RWKV6 model.")
             found.append((name, module))
@@ -116,6 +117,15 @@ def adapter_state_dict(model: nn.Module, cfg: AdapterConfig) -> dict[str, Tensor
     return tensors
 
 
+def model_base_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the model's base tensors under checkpoint names, a quantised projection weight
+    (QuantWeight, src/quant) with its dense shape: the shapes adapter files fingerprint, quantised or not."""
+    shapes = tensor_shapes(base_state_dict(model))
+    keys = model.base_keys  # type: ignore[attr-defined]
+    shapes.update({n: tuple(m.shape) for n, m in model.named_modules() if isinstance(m, QuantWeight) and n in keys})
+    return shapes
+
+
 def _meta_model(base_shapes: Mapping[str, Sequence[int]]) -> RWKV6:
     """An RWKV6 on the meta device whose base tensors match base_shapes strictly (CheckpointError if not)."""
     sd = {k: torch.empty(tuple(s), device="meta") for k, s in base_shapes.items()}
@@ -173,7 +183,7 @@ def save_adapter(model_or_tensors: nn.Module | Mapping[str, Tensor], cfg: Adapte
                            "full checkpoint instead (train.py writes model-*.safetensors for --peft none).")
     if isinstance(model_or_tensors, nn.Module):
         tensors = adapter_state_dict(model_or_tensors, cfg)
-        base_shapes = tensor_shapes(base_state_dict(model_or_tensors))
+        base_shapes = model_base_shapes(model_or_tensors)
     else:
         if base_shapes is None:
             raise AdapterError("save_adapter(tensors, ...) needs base_shapes (the base model's {name: shape}) "
@@ -195,7 +205,7 @@ def load_adapter_into(model: nn.Module, path: str | Path) -> list[str]:
     if present:
         raise AdapterError(f"cannot load {path}: the model already has adapters ({present[0]} ...); "
                            f"load adapter files onto a plain base model.")
-    check_adapter_fits(tensors, cfg, meta, tensor_shapes(base_state_dict(model)), str(path))
+    check_adapter_fits(tensors, cfg, meta, model_base_shapes(model), str(path))
     names = inject_adapters(model, cfg, initialize=False)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from src.adapters.config import AdapterConfig
+from src.quant import QuantWeight, dense
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,7 +31,8 @@ class AdapterLayer(nn.Module):
     methods: ClassVar[tuple[str, ...]] = ()
     every_name: ClassVar[tuple[str, ...]] = ()  # every tensor name any configuration of this class can have
 
-    def __init__(self, weight: nn.Parameter, cfg: AdapterConfig):
+    def __init__(self, weight: nn.Parameter | QuantWeight, cfg: AdapterConfig):
+        """`weight`: the frozen base weight, a Parameter or a quantised QuantWeight (src/quant)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.cfg = cfg
@@ -85,4 +87,4 @@ class AdapterLayer(nn.Module):
 
     def merged_weight(self) -> Tensor:
         """W' in the base dtype (what this layer applies)."""
-        return self.merge(self.weight, self.adapter_tensors(), self.cfg)
+        return self.merge(dense(self.weight), self.adapter_tensors(), self.cfg)

@@ -6,6 +6,9 @@ s·B0·A0 = U_r·S_r·V_rᵀ); training starts from A = A0, B = B0 with the resi
 weight. The adapter file stores A, B and A0, B0 (`pissa_A0`, `pissa_B0`), so it merges onto the ORIGINAL
 base: W' = W + s·(B·A − B0·A0); loading it onto the original base rebuilds the residual exactly from the
 stored A0, B0 (no SVD at load time).
+
+On a quantised base (src/quant) the frozen weight stays the quantised W: PiSSA's SVD is taken from the
+dequantised weight (as QPiSSA does) and the principal part s·B0·A0 is subtracted in forward instead of from W.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 from src.adapters.config import AdapterConfig
 from src.adapters.layer import AdapterLayer, math_dtype
 from src.errors import AdapterError
+from src.quant import QuantWeight, dense, is_quantized, linear
 
 PISSA_SVD_NITER = 4  # subspace iterations of torch.svd_lowrank, as in the PiSSA paper's fast init
 
@@ -56,8 +60,9 @@ class LoRALinear(AdapterLayer):
     methods = ("lora", "pissa")
     every_name = ("lora_A", "lora_B", "pissa_A0", "pissa_B0")
 
-    def __init__(self, weight: nn.Parameter, cfg: AdapterConfig):
+    def __init__(self, weight: nn.Parameter | QuantWeight, cfg: AdapterConfig):
         super().__init__(weight, cfg)
+        self.subtract_principal = False  # PiSSA on a quantised W: forward subtracts s·B0·A0
         r, kw = cfg.lora_r, self.tensor_kwargs()
         self.scaling = cfg.lora_scaling
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))
@@ -100,7 +105,7 @@ class LoRALinear(AdapterLayer):
         if r > min(self.in_features, self.out_features):
             raise AdapterError(f"PiSSA rank r={r} exceeds min(out, in) = {min(self.in_features, self.out_features)} "
                                f"of a {self.out_features}x{self.in_features} weight; use a smaller lora_r.")
-        w = self.weight.to(torch.float32)
+        w = dense(self.weight, torch.float32)
         q = min(2 * r, self.in_features, self.out_features)
         u, s, v = torch.svd_lowrank(w, q=q, niter=PISSA_SVD_NITER)  # w ≈ u·diag(s)·vᵀ
         root = (s[:r] / self.scaling).sqrt()
@@ -113,17 +118,26 @@ class LoRALinear(AdapterLayer):
     @torch.no_grad()
     def remove_principal_part(self) -> None:
         """PiSSA: weight <- weight − s·B0·A0 (done once, at init or after loading A0, B0 onto the original base)."""
+        if is_quantized(self.weight):
+            self.subtract_principal = True
+            return
         init = {"lora_A": self.pissa_A0, "lora_B": self.pissa_B0}
         self.weight.copy_(unmerge_lora(self.weight, init, self.scaling, pissa=False))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)  # (..., out)
+        y = linear(x, self.weight)  # (..., out)
         h = F.linear(self.dropout(x), self.lora_A.to(x.dtype)) * self.scaling  # (..., r)
+        if self.subtract_principal:
+            h0 = F.linear(x, self.pissa_A0.to(x.dtype)) * self.scaling
+            y = y - F.linear(h0, self.pissa_B0.to(h0.dtype))
         return y.add_(F.linear(h, self.lora_B.to(h.dtype)))
 
     def merged_weight(self) -> Tensor:
         """W + s·B·A in the base dtype (what this layer applies; for PiSSA W is the residual)."""
-        return merge_lora(self.weight, {"lora_A": self.lora_A, "lora_B": self.lora_B}, self.scaling, pissa=False)
+        weight = dense(self.weight)
+        if self.subtract_principal:
+            weight = unmerge_lora(weight, {"lora_A": self.pissa_A0, "lora_B": self.pissa_B0}, self.scaling, pissa=False)
+        return merge_lora(weight, {"lora_A": self.lora_A, "lora_B": self.lora_B}, self.scaling, pissa=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.method}, "
