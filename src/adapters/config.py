@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from src.errors import ConfigError
 
-METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "lora", "pissa", "state", "none")
+METHODS = ("bone", "bone_unconstrained", "bone_hadamard", "miss", "lora", "pissa", "state", "none")
 GROUPINGS = ("row", "col")
 PARTS = ("att", "ffn")
 # The eight nn.Linear projections of an RWKV6 block, as "<part>.<name>".
@@ -31,6 +31,7 @@ class AdapterConfig:
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
+    miss_r: int = 64
     targets: tuple[str, ...] = PARTS
     train_parts: tuple[str, ...] = ()
     quant: str = "none"  # the base quantisation trained on (recorded in the adapter file; merge target choice)
@@ -47,6 +48,8 @@ class AdapterConfig:
             raise ConfigError(f"Bone block size b (--bone_b) must be a positive integer, got {self.b!r}; the paper uses 64.")
         if not isinstance(self.lora_r, int) or self.lora_r <= 0:
             raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}; r=32 matches Bone b=64 on RWKV6.")
+        if not isinstance(self.miss_r, int) or self.miss_r <= 0:
+            raise ConfigError(f"--miss_r must be a positive integer, got {self.miss_r!r}; peft's default is 64.")
         if self.lora_alpha <= 0:
             raise ConfigError(f"--lora_alpha must be positive, got {self.lora_alpha!r}; lora_alpha = lora_r gives scaling 1.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -86,6 +89,7 @@ class AdapterConfig:
         return {
             "method": self.method, "b": str(self.b), "grouping": self.grouping, "lora_r": str(self.lora_r),
             "lora_alpha": repr(float(self.lora_alpha)), "lora_dropout": repr(float(self.lora_dropout)),
+            "miss_r": str(self.miss_r),
             "targets": ",".join(self.targets), "train_parts": ",".join(self.train_parts), "quant": self.quant,
         }
 
@@ -96,6 +100,7 @@ class AdapterConfig:
         return AdapterConfig(
             method=meta["method"], b=int(meta["b"]), grouping=meta["grouping"], lora_r=int(meta["lora_r"]),
             lora_alpha=float(meta["lora_alpha"]), lora_dropout=float(meta["lora_dropout"]),
+            miss_r=int(meta.get("miss_r", "64")),  # absent in files written before MiSS existed
             targets=tuple(t for t in meta["targets"].split(",") if t),
             train_parts=tuple(t for t in meta["train_parts"].split(",") if t),
             quant=meta.get("quant", "none"),  # absent in files written before quantised bases

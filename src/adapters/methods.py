@@ -7,9 +7,10 @@ from src.adapters.bone import BoneLinear
 from src.adapters.config import METHODS
 from src.adapters.layer import AdapterLayer
 from src.adapters.lora import LoRALinear
+from src.adapters.miss import MiSSLinear
 from src.errors import AdapterError
 
-LAYER_CLASSES: tuple[type[AdapterLayer], ...] = (BoneLinear, LoRALinear)
+LAYER_CLASSES: tuple[type[AdapterLayer], ...] = (BoneLinear, MiSSLinear, LoRALinear)
 LAYERS: dict[str, type[AdapterLayer]] = {m: cls for cls in LAYER_CLASSES for m in cls.methods}
 LAYERLESS = ("state", "none")
 assert set(LAYERS) | set(LAYERLESS) == set(METHODS), "every --peft method needs a layer class or none"
