@@ -13,7 +13,7 @@ LAYERS = {
     "errors": 0, "atomic": 0, "checkpoint": 0, "run_files": 0, "plotting": 0,
     "wkv": 1, "rwkv6": 1, "loss": 1, "data": 1, "quant": 1,
     "adapters": 2,
-    "model": 3, "config": 3,
+    "model": 3, "config": 3, "export": 3,
     "evaluation": 4,
     "training": 5,
     "diagnostics": 6,
