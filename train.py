@@ -15,12 +15,11 @@ from pathlib import Path
 import torch
 
 from src.adapters.config import AdapterConfig
-from src.adapters.files import tensor_shapes
-from src.adapters.inject import adapter_state_dict, inject_adapters, parameter_table, save_adapter
+from src.adapters.inject import adapter_state_dict, inject_adapters, model_base_shapes, parameter_table, save_adapter
 from src.checkpoint import save_tensors
 from src.config import TrainConfig, load_config
 from src.errors import RWKVBoneError
-from src.model import RWKV6, RWKV6Config, base_state_dict
+from src.model import RWKV6, RWKV6Config
 from src.run_files import weights_file
 from src.training.fingerprint import base_content_fingerprint
 from src.wkv import resolve_backend
@@ -43,7 +42,7 @@ def build_model(cfg: TrainConfig) -> RWKV6:
                 return RWKV6(mcfg)
         # Frozen weights in the --precision dtype; full training (--peft none) keeps fp32 master weights.
         dtype = torch.float32 if cfg.peft == "none" else DTYPES[cfg.precision]
-        return RWKV6.from_checkpoint(cfg.load_model, dtype=dtype, **runtime)
+        return RWKV6.from_checkpoint(cfg.load_model, dtype=dtype, quant=cfg.quant, **runtime)  # --quant: int8/nf4 base
     mcfg = RWKV6Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size, **runtime)  # type: ignore[arg-type]
     if cfg.dry_run:
         with torch.device("meta"):
@@ -91,7 +90,7 @@ def run(cfg: TrainConfig) -> int:
         return 0
     from src.training.fit import fit
 
-    base_shapes = tensor_shapes(base_state_dict(model))  # read now: ZeRO-3 partitions the parameters later
+    base_shapes = model_base_shapes(model)  # dense shapes (quantised too); read now: ZeRO-3 partitions parameters later
     fit(cfg, model, base_fp, export=lambda m, trained, tag: export_weights(cfg, acfg, m, trained, tag, base_shapes))
     return 0
 

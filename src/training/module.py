@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from src.checkpoint import key_mismatch
-from src.config import TrainConfig
+from src.config import ADAPTER_SETTINGS, TrainConfig
 from src.errors import CheckpointError
 from src.rwkv6 import RWKV6
 from src.training.optimizer import LRMultiplier, is_weight_decayed
@@ -57,13 +57,18 @@ class RWKVLightningModule(pl.LightningModule):
         meta = checkpoint.get("rwkv_bone")
         if meta is None:
             raise CheckpointError("this training state was not written by this trainer (no 'rwkv_bone' record).")
+        old = json.loads(meta["config"])
+        if old.get("quant", "none") != self.cfg.quant:  # the base fingerprint differs too: name the setting
+            raise CheckpointError(
+                f"refusing to resume: quant: {old.get('quant', 'none')!r} -> {self.cfg.quant!r}; the run being resumed "
+                "trained on a base held in another quantisation. Use the original --quant, or a new --proj_dir."
+            )
         if meta["base_fingerprint"] != self.base_fp:
             raise CheckpointError(
                 "refusing to resume: the training state was made on a different base model than --load_model "
                 f"(fingerprint {meta['base_fingerprint']} vs {self.base_fp}). Resume with the same base checkpoint, "
                 "or start a new run in another --proj_dir."
             )
-        old = json.loads(meta["config"])
         refused = [f"{k}: {old[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_FIXED  # keys older states lack: skip
                    if k in old and old[k] != getattr(self.cfg, k)]
         if refused:
@@ -78,10 +83,8 @@ class RWKVLightningModule(pl.LightningModule):
             print("resuming with a changed schedule (" + "; ".join(changed) + "): from the resumed step on, the "
                   "learning rate follows the new settings.")
         if meta["adapter_fingerprint"] != self.cfg.adapter_fingerprint():
-            diffs = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in
-                     ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts",
-                      "ctx_len")
-                     if old.get(k) != getattr(self.cfg, k)]
+            diffs = [f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in ADAPTER_SETTINGS
+                     if old.get(k, "none" if k == "quant" else None) != getattr(self.cfg, k)]
             raise CheckpointError(
                 "refusing to resume: the adapter configuration differs from the run being resumed ("
                 + "; ".join(diffs) + "). Use the original settings, or a new --proj_dir."
