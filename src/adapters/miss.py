@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from src.adapters.config import AdapterConfig
 from src.adapters.layer import AdapterLayer, math_dtype
 from src.errors import AdapterError
+from src.quant import linear
 
 
 def miss_delta(block: Tensor, in_features: int) -> Tensor:
@@ -81,7 +82,7 @@ class MiSSLinear(AdapterLayer):
         return unmerge_miss(merged, tensors["miss_block"])
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)  # (…, out)
+        y = linear(x, self.weight)  # (…, out); a quantised W (src/quant) too
         s = fold(x, self.cfg.miss_r)  # (…, r)
         return y + torch.matmul(s, self.miss_block.to(s.dtype))
 

@@ -110,6 +110,7 @@ METHOD_CFGS = {
     "lora": AdapterConfig(method="lora", lora_r=8, lora_alpha=16.0),
     "pissa": AdapterConfig(method="pissa", lora_r=8, lora_alpha=8.0),
     "lora-att-only": AdapterConfig(method="lora", lora_r=8, targets=("att",)),
+    "miss": AdapterConfig(method="miss", miss_r=32),
 }
 
 
