@@ -30,6 +30,7 @@ from src.adapters.merge import ADDED_SUFFIX, merge_weight, split_adapter_tensors
 from src.atomic import atomic_path, atomic_save
 from src.checkpoint import load_tensors, save_tensors
 from src.errors import AdapterError, CheckpointError, ConfigError
+from src.quant import check_quant, quantize_dequantize
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -180,12 +181,18 @@ class MergedCheckpoint:
 
 
 def open_merged(base_path: str | Path, adapter_path: str | Path | None = None, *,
-                unmerge: bool = False) -> MergedCheckpoint:
+                unmerge: bool = False, quant: str | None = None) -> MergedCheckpoint:
     """Describe base + adapter (or, with unmerge, the base recovered from a checkpoint the adapter was merged
     into; without an adapter, the base itself) without computing anything yet. A trained initial state goes in
     as `blocks.N.att.time_state` (fp32, the layout the `rwkv` package reads).
 
+    `quant` ("int8"/"nf4"): merge onto the dequantised base deq(Q(W)), the weights an adapter trained with
+    --quant saw (src.quant.quantize_dequantize), instead of the original full-precision W (the default).
+
     Raises AdapterError for an adapter that does not fit the base, CheckpointError for an unreadable base."""
+    quant = check_quant(quant)
+    if quant is not None and (unmerge or adapter_path is None):
+        raise ConfigError("--quant merges an adapter onto the dequantised base: it needs --bone and no --unmerge.")
     base = open_checkpoint_lazily(Path(base_path))
     if adapter_path is None:
         if unmerge:
@@ -215,7 +222,7 @@ def open_merged(base_path: str | Path, adapter_path: str | Path | None = None, *
             return split.added[name].float()
         t = base.load(name)
         if name in split.per_weight:
-            return transform(t, split.per_weight[name], cfg)
+            return transform(quantize_dequantize(t, quant), split.per_weight[name], cfg)
         if name in split.parts:
             return split.parts[name].to(t.dtype)
         return t

@@ -259,3 +259,21 @@ def test_loading_peak_stays_below_the_bf16_model(tmp_path: Path) -> None:
                          check=True, capture_output=True, text=True).stdout
     got = json.loads(out.strip().splitlines()[-1])
     assert got["peak_growth"] < 0.6 * bf16_bytes, (got, bf16_bytes)
+
+
+def test_open_merged_onto_the_dequantised_base(ckpt: Path, tmp_path: Path) -> None:
+    from src.adapters.export import open_merged
+    from src.checkpoint import load_tensors
+
+    cfg = AdapterConfig(method="bone", b=32, quant="nf4")
+    model = RWKV6.from_checkpoint(ckpt, dtype=torch.float32, quant="nf4")
+    _trained_like(model, cfg)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(model, cfg, path)
+    base = load_tensors(ckpt)
+    key = "blocks.1.ffn.key.weight"
+    bone = {"bone": adapter_parameters(model, cfg)["blocks.1.ffn.key.bone"].detach()}
+    onto_deq = open_merged(ckpt, path, quant="nf4").produce(key)
+    onto_orig = open_merged(ckpt, path).produce(key)
+    torch.testing.assert_close(onto_deq, merge_weight(quantize_dequantize(base[key], "nf4"), bone, cfg))
+    torch.testing.assert_close(onto_orig, merge_weight(base[key], bone, cfg))
