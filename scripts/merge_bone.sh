@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Merge the latest adapter of a training run into its base model:
-#   bash scripts/merge_bone.sh PROJ_DIR BASE OUT
+#   bash scripts/merge_bone.sh PROJ_DIR BASE OUT [merge_bone.py options, e.g. --dtype q8_0 for OUT.gguf]
 # Picks PROJ_DIR/adapter-final.safetensors if present, else the highest adapter-epoch<N>.safetensors.
 set -euo pipefail
 
-if [ "$#" -ne 3 ]; then
-    echo "usage: bash scripts/merge_bone.sh PROJ_DIR BASE_MODEL OUTPUT" >&2
+if [ "$#" -lt 3 ]; then
+    echo "usage: bash scripts/merge_bone.sh PROJ_DIR BASE_MODEL OUTPUT [--format F] [--dtype D]" >&2
     exit 2
 fi
 proj_dir=$1
 base=$2
 out=$3
+shift 3
 
 adapter="$proj_dir/adapter-final.safetensors"
 if [ ! -f "$adapter" ]; then
@@ -32,4 +33,4 @@ if [ -z "$adapter" ]; then
 fi
 
 echo "adapter: $adapter"
-exec "${PYTHON:-python}" "$(dirname "$0")/../merge_bone.py" --base_model "$base" --bone "$adapter" --output "$out"
+exec "${PYTHON:-python}" "$(dirname "$0")/../merge_bone.py" --base_model "$base" --bone "$adapter" --output "$out" "$@"

@@ -113,6 +113,7 @@ def write_safetensors_streaming(path: Path, shapes: Mapping[str, tuple[int, ...]
                 raise AssertionError(f"{name}: produced {t.dtype} {tuple(t.shape)}, declared {dtypes[name]} "
                                      f"{tuple(shapes[name])}")
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t  # before the next tensor is produced: one tensor in memory at a time
 
 
 def _write_pth_spilled(path: Path, names: list[str], produce: Callable[[str], Tensor], computed: set[str]) -> None:
