@@ -37,9 +37,12 @@ class TrainingStateCallback(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self.sampler is not None:
-            epoch, consumed = lightning_resume_position(checkpoint, self.cfg.micro_bsz, trainer.world_size)
+        if self.sampler is None:
+            return
+        epoch, consumed = lightning_resume_position(checkpoint, self.cfg.micro_bsz, trainer.world_size)
+        if consumed < self.sampler.per_rank * trainer.world_size:  # a state inside an epoch: continue that epoch
             self.sampler.set_position(epoch, consumed)
+        # an epoch-end state: the next epoch starts from its first sample (set_epoch resets the sampler)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
