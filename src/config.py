@@ -165,35 +165,40 @@ class TrainConfig:
         if self.skip_nonfinite < 0:
             raise ConfigError(f"--skip_nonfinite must be >= 0, got {self.skip_nonfinite}.")
         if self.skip_nonfinite and spec.deepspeed:
-            raise ConfigError("--skip_nonfinite works with --strategy auto/ddp only; DeepSpeed keeps its own gradients.")
+            raise ConfigError("--skip_nonfinite works with --strategy auto/ddp only; "
+                              "DeepSpeed keeps its own gradients.")
         if self.lr_schedule == "exponential" and self.lr_final <= 0:
             raise ConfigError("--lr_schedule exponential needs --lr_final > 0.")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val_fraction must be in [0, 1), got {self.val_fraction}.")
         sizes = (self.n_layer, self.n_embd, self.vocab_size)
         if self.load_model and any(s is not None for s in sizes):
-            raise ConfigError("sizes come from the checkpoint: drop --n_layer/--n_embd/--vocab_size when --load_model is given.")
+            raise ConfigError("sizes come from the checkpoint: drop --n_layer/--n_embd/--vocab_size when --load_model "
+                              "is given.")
         if not self.load_model and not all(s is not None for s in sizes):
-            raise ConfigError("give --load_model (an official x060 checkpoint), or all of --n_layer --n_embd --vocab_size "
-                              "to build a model from scratch.")
+            raise ConfigError("give --load_model (an official x060 checkpoint), or all of --n_layer --n_embd "
+                              "--vocab_size to build a model from scratch.")
         if not self.load_model and self.peft != "none" and not self.dry_run:
             raise ConfigError(f"--peft {self.peft} fine-tunes a base model: give --load_model, or use --peft none to "
                               f"train a model from scratch.")
         if self.quant != "none" and self.peft == "none":
             raise ConfigError(f"--quant {self.quant} freezes the base in {self.quant}: it needs an adapter method "
-                              f"(--peft bone, lora, ...); full training (--peft none) needs a dense base (--quant none).")
+                              f"(--peft bone, lora, ...); full training (--peft none) needs a dense base "
+                              f"(--quant none).")
         if not self.dry_run and not self.data_file:
             raise ConfigError("--data_file is required (a binidx prefix or a .jsonl file).")
         proj = Path(self.proj_dir)
         if proj.exists() and not proj.is_dir():
-            raise ConfigError(f"--proj_dir {proj} is an existing file, not a folder; give a folder for the run's outputs.")
+            raise ConfigError(f"--proj_dir {proj} is an existing file, not a folder; "
+                              f"give a folder for the run's outputs.")
         for name in ("load_model", "data_file", "val_file"):
             value = getattr(self, name)
             if value and is_run_output(Path(value), proj):
-                raise ConfigError(f"--{name} {value} is a file this run writes into --proj_dir {proj}, so the run would "
-                                  f"overwrite its own input. Copy it elsewhere or use another --proj_dir.")
+                raise ConfigError(f"--{name} {value} is a file this run writes into --proj_dir {proj}, so the run "
+                                  f"would overwrite its own input. Copy it elsewhere or use another --proj_dir.")
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
-            raise ConfigError(f"--resume {self.resume}: no such checkpoint. Use --resume auto to pick the newest in proj_dir.")
+            raise ConfigError(f"--resume {self.resume}: no such checkpoint. "
+                              f"Use --resume auto to pick the newest in proj_dir.")
         return self
 
     @property

@@ -40,28 +40,34 @@ class AdapterConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "train_parts", tuple(self.train_parts))
         if self.method not in METHODS:
-            raise ConfigError(f"adapter method (--peft) {self.method!r} is unknown; use one of {', '.join(METHODS)}.")
+            raise ConfigError(f"adapter method (--peft) {self.method!r} is unknown; "
+                              f"use one of {', '.join(METHODS)}.")
         if self.grouping not in GROUPINGS:
-            raise ConfigError(f"adapter grouping (--bone_grouping) {self.grouping!r} is unknown; use 'row' (one bone per input block) "
-                              f"or 'col' (one bone per output block).")
+            raise ConfigError(f"adapter grouping (--bone_grouping) {self.grouping!r} is unknown; use 'row' (one bone "
+                              f"per input block) or 'col' (one bone per output block).")
         if not isinstance(self.b, int) or self.b <= 0:
-            raise ConfigError(f"Bone block size b (--bone_b) must be a positive integer, got {self.b!r}; the paper uses 64.")
+            raise ConfigError(f"Bone block size b (--bone_b) must be a positive integer, got {self.b!r}; "
+                              f"the paper uses 64.")
         if not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}; r=32 matches Bone b=64 on RWKV6.")
+            raise ConfigError(f"--lora_r must be a positive integer, got {self.lora_r!r}; "
+                              f"r=32 matches Bone b=64 on RWKV6.")
         if not isinstance(self.miss_r, int) or self.miss_r <= 0:
             raise ConfigError(f"--miss_r must be a positive integer, got {self.miss_r!r}; peft's default is 64.")
         if self.lora_alpha <= 0:
-            raise ConfigError(f"--lora_alpha must be positive, got {self.lora_alpha!r}; lora_alpha = lora_r gives scaling 1.")
+            raise ConfigError(f"--lora_alpha must be positive, got {self.lora_alpha!r}; "
+                              f"lora_alpha = lora_r gives scaling 1.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         valid_targets = PARTS + PROJECTIONS
         bad = [t for t in self.targets if t not in valid_targets]
         if bad:
-            raise ConfigError(f"adapter targets (--adapter_targets) {bad} are unknown; use parts {list(PARTS)} or projections {list(PROJECTIONS)}.")
+            raise ConfigError(f"adapter targets (--adapter_targets) {bad} are unknown; use parts {list(PARTS)} "
+                              f"or projections {list(PROJECTIONS)}.")
         if self.method == "state" and "state" in self.train_parts:
             raise ConfigError("--peft state already trains the initial state; drop 'state' from --train_parts.")
         if self.method not in ("none", "state") and not self.targets:
-            raise ConfigError(f"adapter method {self.method!r} needs at least one target; use e.g. targets: [att, ffn].")
+            raise ConfigError(f"adapter method {self.method!r} needs at least one target; "
+                              f"use e.g. targets: [att, ffn].")
         if self.method == "none" and self.train_parts:
             raise ConfigError("method 'none' already trains every parameter (full fine-tuning); train_parts only "
                               "applies with an adapter method.")
@@ -94,7 +100,7 @@ class AdapterConfig:
         }
 
     @staticmethod
-    def from_metadata(meta: dict[str, str]) -> "AdapterConfig":
+    def from_metadata(meta: dict[str, str]) -> AdapterConfig:
         """Inverse of to_metadata. Raises KeyError/ValueError for a missing or malformed field and
         ConfigError for an invalid value."""
         return AdapterConfig(
