@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recover the base from --base_model, a checkpoint this adapter was merged into")
     parser.add_argument("--state_only", action="store_true",
                         help="write only the trained initial state (blocks.N.att.time_state) of a state-tuned adapter")
+    parser.add_argument("--quant", default=None, choices=("int8", "nf4"),
+                        help="merge onto the dequantised base the adapter was trained against (train.py --quant); "
+                             "default: the original full-precision base")
     return parser.parse_args(argv)
 
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = export_model(args.base_model, args.bone, args.output, fmt=args.format, dtype=args.dtype,
-                               unmerge=args.unmerge, state_only=args.state_only)
+                               unmerge=args.unmerge, state_only=args.state_only, quant=args.quant)
     except RWKVBoneError as e:
         print(f"merge_bone.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")  # what runs in which dtype per strategy: 
 LR_SCHEDULES = ("cosine", "linear", "exponential", "constant")
 # Settings that describe the adapter (and data shape) a resumed run must share with the run it resumes.
 ADAPTER_SETTINGS = ("peft", "bone_b", "bone_grouping", "lora_r", "lora_alpha", "adapter_targets", "train_parts",
-                    "ctx_len", "quant")
+                    "ctx_len", "quant", "miss_r")
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,8 @@ class TrainConfig:
         settings = {k: getattr(self, k) for k in ADAPTER_SETTINGS}
         if settings["quant"] == "none":
             del settings["quant"]  # runs from before --quant keep their fingerprint
+        if settings["peft"] != "miss":
+            del settings["miss_r"]  # only MiSS has it; other runs keep their fingerprint
         payload = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

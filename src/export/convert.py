@@ -26,14 +26,22 @@ class ExportSummary:
 
 def export_model(base_path: str | Path, adapter_path: str | Path | None, output_path: str | Path, *,
                  fmt: str | None = None, dtype: str | None = None, unmerge: bool = False,
-                 state_only: bool = False) -> ExportSummary:
+                 state_only: bool = False, quant: str | None = None) -> ExportSummary:
     """Write base (+ adapter merged, or unmerged) as `fmt` (default: from the output's extension; a folder is a
-    Hugging Face export) in `dtype` (default per format, see src.export.formats). Errors are RWKVBoneErrors."""
+    Hugging Face export) in `dtype` (default per format, see src.export.formats). `quant` ("int8"/"nf4"): merge
+    onto the dequantised base the adapter was trained against (--quant). Errors are RWKVBoneErrors."""
     base_path, output_path = Path(base_path), Path(output_path)
     adapter = Path(adapter_path) if adapter_path is not None else None
     fmt = format_for(output_path, fmt)
     dtype = dtype_for(fmt, dtype)
     check_output_path(output_path, {"--base_model": base_path, "--bone (adapter)": adapter})
+    if quant is not None and (adapter is None or unmerge or state_only):
+        raise ConfigError("--quant merges an adapter onto the dequantised base it was trained against: it needs "
+                          "--bone and works without --unmerge and --state_only.")
+    if quant is not None and fmt in ("pth", "safetensors"):
+        merged = open_merged(base_path, adapter, quant=quant)
+        write_checkpoint(merged.cast(TORCH_DTYPES.get(dtype or ""), keep=merged.states), output_path)
+        return ExportSummary(cfg=merged.cfg, changed=merged.changed, output=output_path, format=fmt, dtype=dtype)
     if fmt in ("pth", "safetensors"):
         if adapter is None:
             if unmerge or state_only:
@@ -52,7 +60,7 @@ def export_model(base_path: str | Path, adapter_path: str | Path | None, output_
             if path is not None and path.resolve().is_relative_to(output_path.resolve()):
                 raise ConfigError(f"the {label} input {path} lies inside the output folder {output_path}, which the "
                                   f"export replaces; write to a new folder.")
-    merged = open_merged(base_path, adapter, unmerge=unmerge)
+    merged = open_merged(base_path, adapter, unmerge=unmerge, quant=quant)
     sizes = model_sizes(merged.shapes)
     if merged.cfg is not None and merged.cfg.method == "state" and fmt in ("gguf", "hf"):
         raise ConfigError(f"{adapter} holds only a trained initial state (--peft state), and the {fmt} layout has no "

@@ -277,3 +277,25 @@ def test_open_merged_onto_the_dequantised_base(ckpt: Path, tmp_path: Path) -> No
     onto_orig = open_merged(ckpt, path).produce(key)
     torch.testing.assert_close(onto_deq, merge_weight(quantize_dequantize(base[key], "nf4"), bone, cfg))
     torch.testing.assert_close(onto_orig, merge_weight(base[key], bone, cfg))
+
+
+def test_merge_bone_cli_quant_merges_onto_the_dequantised_base(ckpt: Path, tmp_path: Path) -> None:
+    """`merge_bone.py --quant nf4` writes what open_merged(quant="nf4") describes; without it the original base."""
+    import merge_bone
+    from src.adapters.export import open_merged
+    from src.checkpoint import load_tensors
+
+    cfg = AdapterConfig(method="bone", b=32, quant="nf4")
+    model = RWKV6.from_checkpoint(ckpt, dtype=torch.float32, quant="nf4")
+    _trained_like(model, cfg)
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(model, cfg, adapter)
+    key = "blocks.1.ffn.key.weight"
+    for extra, quant in (([], None), (["--quant", "nf4"], "nf4")):
+        out = tmp_path / f"merged_{quant}.safetensors"
+        assert merge_bone.main(["--base_model", str(ckpt), "--bone", str(adapter), "--output", str(out), *extra]) == 0
+        expected = open_merged(ckpt, adapter, quant=quant).produce(key)
+        torch.testing.assert_close(load_tensors(out)[key].float(), expected.float())
+    a, b = load_tensors(tmp_path / "merged_None.safetensors"), load_tensors(tmp_path / "merged_nf4.safetensors")
+    assert not torch.equal(a[key], b[key])  # the two modes differ, so the test can fail
+    assert merge_bone.main(["--base_model", str(ckpt), "--output", str(tmp_path / "x.pth"), "--quant", "nf4"]) == 2
