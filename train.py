@@ -9,6 +9,7 @@ config -> model -> adapter -> Lightning fit / resume. Everything else lives in s
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from src.errors import RWKVBoneError
 from src.model import RWKV6, RWKV6Config
 from src.run_files import weights_file
 from src.training.fingerprint import base_content_fingerprint
-from src.wkv import resolve_backend
+from src.training.preflight import gather_facts, preflight
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -52,15 +53,6 @@ def build_model(cfg: TrainConfig) -> RWKV6:
     return model
 
 
-def training_device(cfg: TrainConfig) -> str:
-    """The device type the run's model will live on ("cuda" or "cpu"), as Lightning picks it."""
-    if cfg.accelerator == "cpu":
-        return "cpu"
-    if cfg.accelerator in ("gpu", "cuda"):
-        return "cuda"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def print_config(cfg: TrainConfig) -> None:
     print("config:\n" + "\n".join(f"  {k}: {v!r}" for k, v in cfg.to_dict().items()))
 
@@ -72,8 +64,14 @@ def run(cfg: TrainConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     print_config(cfg)
-    if not cfg.dry_run:  # a WKV backend this machine cannot run fails now, not after the data has loaded
-        resolve_backend(cfg.wkv_backend, training_device(cfg))
+    # The machine against the configuration, before the model or the data is read: every problem at once
+    report = preflight(cfg, gather_facts(os.environ, cfg.proj_dir), build=not cfg.dry_run)
+    if cfg.dry_run:
+        print(report.text() + ("\n" + report.estimate.table() if report.estimate else ""))
+    else:
+        report.raise_errors()
+        for warning in report.warnings:
+            print(warning.line(), file=sys.stderr)
     model = build_model(cfg)
     base_fp = "" if cfg.dry_run else base_content_fingerprint(model)
     acfg = cfg.adapter

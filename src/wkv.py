@@ -63,6 +63,12 @@ def wkv6(
     """
     _check_shapes(r, k, v, w, u, state)
     chosen = resolve_backend(backend, r.device)
+    if chosen == "cuda" and backend == "auto":
+        failure = cuda_kernel_error(r.shape[-1])
+        if failure is not None:  # the build failed: fla or torch instead, with one warning
+            chosen = resolve_backend(backend, r.device)
+            logger.warning("WKV6 backend auto: the CUDA kernel could not be built (%s); using %s instead", failure,
+                           chosen)
     _log_choice(chosen, r.device)
     if chosen == "torch":
         return _wkv6_torch(r, k, v, w, u, state)
@@ -83,7 +89,9 @@ def _usable(backend: str, device: torch.device) -> bool:
         return True
     if device.type != "cuda":
         return False
-    return _cuda_kernel_buildable() if backend == "cuda" else _fla_importable()
+    if backend == "cuda":
+        return _cuda_build_failure is None and _cuda_kernel_buildable()
+    return _fla_importable()
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
@@ -97,6 +105,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         return name
     if device.type != "cuda":
         why = f"it needs tensors on a CUDA device, got {device}"
+    elif name == "cuda" and _cuda_build_failure is not None:
+        why = f"building the kernel failed: {_cuda_build_failure}"
     elif name == "cuda":
         why = "it needs a CUDA build of torch and the CUDA toolkit (nvcc, CUDA_HOME) to compile cuda/wkv6.cu"
     elif not torch.cuda.is_available():
@@ -262,6 +272,27 @@ def _cuda_kernel_buildable() -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     return CUDA_HOME is not None
+
+
+_cuda_build_failure: str | None = None  # why the kernel could not be built, once a build has failed
+
+
+def cuda_kernel_error(head_size: int = 64) -> str | None:
+    """Build the CUDA kernel for `head_size` now (or load it from torch's cache): None when it works, else why
+    not. A failure is recorded and "auto" no longer picks cuda, so a run resolves its backend before it starts
+    (the training preflight calls this) instead of failing at its first step."""
+    global _cuda_build_failure
+    if _cuda_build_failure is not None:
+        return _cuda_build_failure
+    if not _cuda_kernel_buildable():
+        return "no CUDA device, CUDA build of torch or CUDA toolkit (CUDA_HOME) for the JIT build"
+    try:
+        _cuda_ops(head_size)
+    except Exception as e:  # any build or load failure (nvcc, ninja, arch, linker) disables the backend
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        _cuda_build_failure = f"{type(e).__name__}: {lines[-1] if lines else ''}".strip().rstrip(":")
+        return _cuda_build_failure
+    return None
 
 
 @functools.cache

@@ -328,9 +328,11 @@ def estimate_memory(mcfg: RWKV6Config, cfg: TrainConfig, world_size: int | None 
     """The per-rank memory of training `mcfg` with `cfg` on `world_size` ranks (default --devices x --num_nodes).
 
     on_gpu: whether the model trains on a CUDA GPU (decides the autocast pattern; on CPU the device rows are host
-    RAM). wkv_backend: the backend that will run (default: see `resolved_backend`). quant: None, "int8" or "nf4"
-    for the frozen projection weights. checkpoint_bytes: size of the --load_model file (host RAM to load it;
-    default the base's size in bf16)."""
+    RAM). wkv_backend: the backend that will run (default: see `resolved_backend`). quant: "int8" or "nf4" for
+    the frozen projection weights (default: --quant). checkpoint_bytes: size of the --load_model file (host RAM to
+    load it; default the base's size in bf16)."""
+    if quant is None and getattr(cfg, "quant", "none") != "none":
+        quant = cfg.quant
     if quant is not None and quant not in QUANTS:
         raise ValueError(f"quant {quant!r}: use None, {' or '.join(QUANTS)}")
     world = world_size or cfg.devices * cfg.num_nodes
@@ -451,23 +453,25 @@ def estimate_memory(mcfg: RWKV6Config, cfg: TrainConfig, world_size: int | None 
     loss_phase = ["activations", "logits", "logits gradient"] + (["WKV state"] if chunked else [])
     block_phase = ["activations", "block backward", "gradients"] + (["block recompute"] if cfg.grad_cp else []) \
         + (["dense weight copy"] if dense else []) + (["WKV state"] if chunked else [])
+    at_peak = grads
     if not grads_persistent and P > counts.trainable_outside_blocks:
         # Gradients form block by block while the saved tensors are freed: the last block's backward meets every
         # saved tensor but only the gradients outside the blocks and of that block; the first block's meets
         # every gradient but one block's saved tensors (straight lines in between: the larger end is the peak).
         per_block = (P - counts.trainable_outside_blocks) / mcfg.n_layer * 4 * grads / (P * 4)
-        outside_grads = grads - per_block * mcfg.n_layer
-        start = rows["activations"] + outside_grads + per_block
+        early = grads - per_block * (mcfg.n_layer - 1)
+        start = rows["activations"] + early
         end = (d.block if not cfg.grad_cp else rows["activations"]) + grads
-        if end < start:
-            rows["gradients"] = outside_grads + per_block
-            notes["gradients"] += ": those outside the blocks and of the last block, at the peak"
-            rows = _insert_after(rows, "gradients", "gradients formed later", grads - rows["gradients"])
-            notes["gradients formed later"] = "the other blocks' gradients, formed after the peak"
+        at_peak = grads if end >= start else early
     loss_total = sum(rows[k] for k in loss_phase)
-    block_total = sum(rows[k] for k in block_phase)
+    block_total = sum(rows[k] for k in block_phase) - grads + at_peak
     phase, terms = (("the loss backward", loss_phase) if loss_total >= block_total else
                     ("a block's backward", block_phase))
+    if terms is block_phase and at_peak < grads:
+        rows["gradients"] = at_peak
+        notes["gradients"] += ": those outside the blocks and of the last block, at the peak"
+        rows = _insert_after(rows, "gradients", "gradients formed later", grads - at_peak)
+        notes["gradients formed later"] = "the other blocks' gradients, formed after the peak"
     peak_terms = list(dict.fromkeys(static + terms))
 
     # host RAM
