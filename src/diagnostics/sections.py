@@ -7,9 +7,11 @@ process of its own).
   compare      cuda (and fla when importable) against the torch backend in fp32 on fp32 copies of the same
                bf16-rounded inputs: y, the final state and every gradient (r, k, v, w, u and the initial state)
   deepspeed    the 1.6B preset mode through train.py: one DeepSpeed ZeRO-2 bf16 Bone-row optimizer step at
-               RWKV6-1.6B shapes (random bf16 checkpoint under the official key names), fp32 finite adapter file
+               RWKV6-1.6B shapes (random bf16 checkpoint under the official key names), fp32 finite adapter file;
+               its torch.cuda.max_memory_allocated beside the memory estimate (src/training/memory.py)
   train        tokens/s and peak memory of LoRA, Bone-row and Bone-col at the Bone paper's Table 7 setting
-               (RWKV6-1.6B shapes, ctx 512, batch 1; grad_cp 0 and 1), beside the paper's own numbers
+               (RWKV6-1.6B shapes, ctx 512, batch 1; grad_cp 0 and 1), beside the paper's own numbers and the
+               memory estimate of each configuration
   timing       fwd+bwd time of every WKV backend at B=8, T=4096, C=2048 and C=4096 (bf16)
 
 With `dry_run` every section runs on the CPU at tiny sizes, the torch backend standing in for cuda/fla and
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from src.diagnostics.processes import last_lines, run_killable
+from src.diagnostics.processes import function_command, last_lines, run_killable
 
 REL_TOL = 1e-2  # relative (Frobenius) error of the bf16 backends against the fp32 reference
 PRESET = "configs/rwkv6-1.6b-4x4090.yaml"  # the preset the deepspeed section trains with
@@ -302,6 +304,8 @@ def section_train(ctx: CheckContext) -> SectionResult:
                + (bench.ratio_table(results, memory) if results else "(no results)"))
     if results:
         details += "\n\n" + paper_table7(results, memory[-1])  # CUDA: reserved, the nearest to nvidia-smi
+    if results:
+        details += "\n\n" + train_memory_comparison(base, results, ctx.dry_run)
     goals = bench.goal_lines(results, memory[0][0])
     if goals:
         details += "\n\n" + "\n".join(f"- {g}" for g in goals)
@@ -310,6 +314,89 @@ def section_train(ctx: CheckContext) -> SectionResult:
         return SectionResult("failed", f"{len(failures)} of {len(failures) + len(results)} configurations failed",
                              details)
     return SectionResult("ok", "; ".join(goals) or "trained every configuration", details)
+
+
+def memory_table(rows: list[tuple[str, Any, int | None]], dry_run: bool) -> str:
+    """Markdown: the memory estimate (src/training/memory.py) beside the measured torch.cuda.max_memory_allocated
+    for each (configuration, MemoryEstimate, measured bytes or None)."""
+    lines = ["| configuration | estimated peak MiB | estimated card total MiB | measured max_memory_allocated MiB "
+             "| error |", "|---|---:|---:|---:|---:|"]
+    for name, est, got in rows:
+        measured = f"{got / 2**20:,.0f}" if got else "n/a"
+        error = f"{est.peak / got - 1:+.1%}" if got else "n/a"
+        lines.append(f"| {name} | {est.peak / 2**20:,.0f} | {est.device_total / 2**20:,.0f} | {measured} | {error} |")
+    errors = [abs(est.peak / got - 1) for _, est, got in rows if got]
+    head = ("Memory estimate against the measured peak (`python train.py ... --dry_run` prints the estimate; the "
+            "card total adds the allocator's slack and the CUDA context"
+            + ("; the CPU stand-in measures RSS, so only the estimates are shown" if dry_run else "")
+            + (f"; largest error {max(errors):.1%}" if errors else "") + "):")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def train_memory_comparison(base: Any, results: list[dict[str, Any]], dry_run: bool) -> str:
+    """The estimate for each measured training-step configuration of the train section (plain strategy: base in
+    the spec's dtype, fp32 adapter, autocast, AdamW, cross-entropy without L2Wrap) beside its CUDA peak."""
+    from src.config import TrainConfig
+    from src.model import RWKV6Config
+    from src.training.memory import estimate_memory
+    from src.wkv import resolve_backend
+
+    mcfg = RWKV6Config(n_layer=base.n_layer, n_embd=base.n_embd, vocab_size=base.vocab)
+    backend = resolve_backend(base.wkv_backend, base.device)
+    rows = []
+    for r in results:
+        method = str(r["method"])
+        adapter = dict(peft="lora", lora_r=base.r, lora_alpha=float(base.r)) if method == "lora" else \
+            dict(peft="bone", bone_b=base.b, bone_grouping=method.split("-")[1])
+        cfg = TrainConfig(n_layer=base.n_layer, n_embd=base.n_embd, vocab_size=base.vocab, dry_run=True,
+                          ctx_len=base.ctx, micro_bsz=base.batch, grad_cp=int(r["grad_cp"]), l2wrap=0,
+                          precision="bf16" if base.dtype == "bf16" else "fp32", **adapter)  # type: ignore[arg-type]
+        est = estimate_memory(mcfg, cfg, 1, on_gpu=not dry_run, wkv_backend=backend)
+        got = None if dry_run else int(r["peak_bytes"])
+        rows.append((f"{method} grad_cp={r['grad_cp']}", est, got))
+    return memory_table(rows, dry_run)
+
+
+PEAK_PREFIX = "PEAK_ALLOCATED "
+
+
+def train_reporting_peak(argv: list[str]) -> int:
+    """Run train.py with `argv` in this process, then print torch.cuda.max_memory_allocated() on a PEAK_ALLOCATED
+    line (the deepspeed section's measured peak; nothing without CUDA). Returns train.py's exit code."""
+    import runpy
+
+    import torch
+
+    from src.diagnostics.processes import REPO_ROOT
+
+    sys.argv = [str(REPO_ROOT / "train.py"), *argv]
+    code = 0
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if torch.cuda.is_available():
+        print(f"{PEAK_PREFIX}{torch.cuda.max_memory_allocated()}", flush=True)
+    return code
+
+
+def deepspeed_memory_comparison(train_args: list[str], mcfg: Any, checkpoint_bytes: int, output: str,
+                                dry_run: bool) -> tuple[str, float | None]:
+    """The estimate for the deepspeed section's train.py run (its own flags, parsed as train.py parses them)
+    beside the PEAK_ALLOCATED its process printed; (markdown, relative error or None)."""
+    from src.config import load_config
+    from src.training.memory import estimate_memory
+    from src.wkv import resolve_backend
+
+    cfg = load_config(train_args)
+    device = "cpu" if dry_run else "cuda"
+    est = estimate_memory(mcfg, cfg, 1, on_gpu=not dry_run, wkv_backend=resolve_backend(cfg.wkv_backend, device),
+                          checkpoint_bytes=checkpoint_bytes)
+    peaks = [int(line[len(PEAK_PREFIX):]) for line in output.splitlines() if line.startswith(PEAK_PREFIX)]
+    got = peaks[-1] if peaks and not dry_run else None
+    name = f"{cfg.strategy} {cfg.precision}, grad_cp {cfg.grad_cp}, ctx {cfg.ctx_len} x {cfg.micro_bsz}"
+    table = memory_table([(name, est, got)], dry_run) + "\n\n```\n" + est.table() + "\n```"
+    return table, (est.peak / got - 1 if got else None)
 
 
 def paper_table7(results: list[dict[str, Any]], memory: tuple[str, str]) -> str:
@@ -391,14 +478,16 @@ def section_deepspeed(ctx: CheckContext) -> SectionResult:
         train.write_text(rows[0] + "\n")  # one document, micro_bsz 1, 1 device: exactly one optimizer step
         val.write_text(rows[1] + "\n")
         proj = folder / "run"
-        cmd = [ctx.python, "train.py", "--config", PRESET, "--load_model", str(ckpt), "--data_file", str(train),
-               "--val_file", str(val), "--proj_dir", str(proj), "--devices", "1", "--num_nodes", "1",
-               "--ctx_len", str(ctx_len), "--micro_bsz", "1", "--accumulate_grad_batches", "1",
-               "--epoch_count", "1", "--epoch_save", "1", "--log_every", "1", *hw]
+        args = ["--config", PRESET, "--load_model", str(ckpt), "--data_file", str(train),
+                "--val_file", str(val), "--proj_dir", str(proj), "--devices", "1", "--num_nodes", "1",
+                "--ctx_len", str(ctx_len), "--micro_bsz", "1", "--accumulate_grad_batches", "1",
+                "--epoch_count", "1", "--epoch_save", "1", "--log_every", "1", *hw]
+        # train.py in a process that prints its torch.cuda.max_memory_allocated() at the end
+        cmd = function_command(ctx.python, __name__, "train_reporting_peak", args)
         start = time.perf_counter()
         proc = run_killable(cmd, timeout, {**ctx.env, "WANDB_MODE": "disabled"})
         took = time.perf_counter() - start
-        shown = " ".join(cmd[1:]).replace(str(folder), "$TMP")
+        shown = "train.py " + " ".join(args).replace(str(folder), "$TMP")
         details = (f"Random bf16 checkpoint {mcfg.n_layer}x{mcfg.n_embd}, vocab {mcfg.vocab_size}, official key "
                    f"names ({kind}), written in {made:.1f} s.\n\n`python {shown}`\n\nexit {proc.returncode} after "
                    f"{took:.1f} s")
@@ -424,12 +513,15 @@ def section_deepspeed(ctx: CheckContext) -> SectionResult:
             problems.append(f"no {adapter_file.name}")
         if not ctx.dry_run and not state_path(proj, 1).is_dir():
             problems.append("the training state is not a DeepSpeed checkpoint folder")
+        memory, error = deepspeed_memory_comparison(args, mcfg, ckpt.stat().st_size, proc.stdout, ctx.dry_run)
+        details += "\n\n" + memory
     what = ("Lightning default strategy on CPU, fp32, tiny model (stand-in: Lightning's DeepSpeed needs CUDA)"
             if ctx.dry_run else "DeepSpeed ZeRO-2, bf16, grad_cp 1, 1 GPU, RWKV6-1.6B shapes, ctx 512")
     if problems:
         return SectionResult("failed", f"{what}: {'; '.join(problems)}", details)
+    estimate = f"; peak {error:+.1%} off the memory estimate" if error is not None else ""
     return SectionResult("ok", f"{what}: 1 Bone-row step, loss {losses[0]:.3f}, fp32 adapter of {expected:,} "
-                               f"finite values", details)
+                               f"finite values{estimate}", details)
 
 
 def adapter_problems(adapter: Mapping[str, Any], expected_values: int) -> list[str]:

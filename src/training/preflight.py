@@ -21,7 +21,7 @@ from src.config import TrainConfig
 from src.errors import ConfigError, RWKVBoneError
 from src.rwkv6 import RWKV6Config
 from src.training.cuda_env import find_cuda_home
-from src.training.memory import GiB, MemoryEstimate, count_parameters, estimate_memory, gib
+from src.training.memory import PROCESS_RAM, GiB, MemoryEstimate, count_parameters, estimate_memory, gib
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: A100, RTX 30xx and newer; V100 (7.0) and T4 (7.5) have no bf16
 
@@ -456,13 +456,20 @@ def check_memory(cfg: TrainConfig, estimate: MemoryEstimate, facts: MachineFacts
     found = []
     need = estimate.host_total
     what = "; ".join(f"{name} {gib(v)}" for name, v in estimate.host_rows.items())
-    if not on_gpu:
+    if not on_gpu:  # the model trains in host RAM: the larger of loading and the training peak, per process
         ranks = max(1, cfg.devices)
-        need += ranks * estimate.peak
-        what += f"; training on the CPU: {ranks} x {gib(estimate.peak)}"
-    fix = ("use a DeepSpeed strategy without offload, fewer --devices per machine, or a machine with more RAM."
-           if cfg.strategy_spec.offload else "use fewer --devices per machine, a smaller model, or a machine with more "
-                                            "RAM.")
+        loading = estimate.host_rows.get("loading", 0)
+        per_load = loading / ranks - PROCESS_RAM
+        need += ranks * (PROCESS_RAM + max(per_load, estimate.peak)) - loading
+        what = (f"{ranks} process(es) x ({gib(PROCESS_RAM)} runtime + the larger of loading, {gib(per_load)}, and "
+                f"training on the CPU, {gib(estimate.peak)})")
+    if not on_gpu:
+        fix = ("train on a GPU, or shrink the CPU run: `--grad_cp 1`, a smaller --micro_bsz or --ctx_len, "
+               "`--head_chunk 1024`, fewer --devices.")
+    elif cfg.strategy_spec.offload:
+        fix = "use a DeepSpeed strategy without offload, fewer --devices per machine, or a machine with more RAM."
+    else:
+        fix = "use fewer --devices per machine, a smaller model, or a machine with more RAM."
     if facts.ram_total is not None and need > facts.ram_total:
         found.append(finding("ram", need=gib(need), what=what, have=f"{gib(facts.ram_total)} total", fix=fix))
     elif facts.ram_available is not None and need > facts.ram_available:
