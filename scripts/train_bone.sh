@@ -11,6 +11,10 @@
 #       runs/bone) receives adapters, training states, metrics and loss.png. Rerunning the same command resumes
 #       from the newest training state (--resume auto).
 #
+#   PEFT=state bash scripts/train_bone.sh
+#       The same demo with state tuning (--peft state: only the initial WKV state of every layer trains, at the
+#       learning rates configs/state-tuning.yaml uses) instead of Bone.
+#
 #   bash scripts/train_bone.sh --config my.yaml [flags...]     passes everything to train.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,24 +52,30 @@ echo "== demo: before fine-tuning"
 "$PYTHON" -m scripts.eval --model "$BASE" --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_before.json"
 
-echo "== demo: Bone fine-tuning on the word problems"
+PEFT=${PEFT:-bone}
+case "$PEFT" in
+    bone) RUN="$DEMO/bone"; EXTRA=() ;;
+    state) RUN="$DEMO/state"; EXTRA=(--peft state --lr_init 1.0 --lr_final 0.01 --warmup_steps 5) ;;
+    *) echo "error: PEFT=$PEFT: the demo runs PEFT=bone (default) or PEFT=state" >&2; exit 2 ;;
+esac
+echo "== demo: $PEFT fine-tuning on the word problems"
 "$PYTHON" train.py --config configs/demo_bone.yaml --load_model "$BASE" \
-    --data_file "$DEMO/data/math_train.jsonl" --proj_dir "$DEMO/bone"
+    --data_file "$DEMO/data/math_train.jsonl" --proj_dir "$RUN" "${EXTRA[@]}"
 
 echo "== demo: after fine-tuning (base + adapter)"
-"$PYTHON" -m scripts.eval --model "$BASE" --adapter "$DEMO/bone/adapter-final.safetensors" \
+"$PYTHON" -m scripts.eval --model "$BASE" --adapter "$RUN/adapter-final.safetensors" \
     --loss_file "$DEMO/data/math_test.jsonl" --ctx_len 96 \
     --problems "$DEMO/data/math_test.jsonl" --limit 40 --max_new_tokens 40 --json "$DEMO/eval_after.json"
 
-"$PYTHON" - "$DEMO" <<'EOF'
+"$PYTHON" - "$DEMO" "$RUN" <<'EOF'
 import json, sys
-d = sys.argv[1]
+d, run = sys.argv[1], sys.argv[2]
 b, a = (json.load(open(f"{d}/eval_{k}.json")) for k in ("before", "after"))
 print(f"\n| held-out word problems | before | after |\n|---|---|---|")
 print(f"| loss (nats/token) | {b['loss']:.3f} | {a['loss']:.3f} |")
 print(f"| exact match | {b['correct']}/{b['total']} | {a['correct']}/{a['total']} |")
-print(f"\nadapter: {d}/bone/adapter-final.safetensors, loss curve: {d}/bone/loss.png")
+print(f"\nadapter: {run}/adapter-final.safetensors, loss curve: {run}/loss.png")
 print(f"merge it: python merge_bone.py --base_model {d}/base/model-final.safetensors "
-      f"--bone {d}/bone/adapter-final.safetensors --output {d}/merged.pth")
+      f"--bone {run}/adapter-final.safetensors --output {d}/merged.pth")
 EOF
 echo "demo finished in $(( $(date +%s) - start )) s"

@@ -118,6 +118,29 @@ def test_samples_at_every_validation_go_to_metrics(assets: dict[str, Path], tmp_
 
 
 @pytest.mark.slow
+def test_state_tuning_end_to_end_with_resume(assets: dict[str, Path], tmp_path: Path) -> None:
+    """--peft state through train.py: only the initial states train and are saved; a second run with more epochs
+    resumes; the adapter loads with from_checkpoint and changes the output."""
+    from src.model import RWKV6
+
+    proj = tmp_path / "state"
+    over = {"peft": "state", "lr_init": 1.0, "lr_final": 0.01, "warmup_steps": 2, "val_fraction": 0.0}
+    res = run_train(common_args(assets, proj, epoch_count=1, **over))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_train(common_args(assets, proj, epoch_count=2, **over))
+    assert res.returncode == 0 and "resuming from" in res.stdout, res.stderr[-3000:]
+    adapter = load_file(proj / "adapter-final.safetensors")
+    assert set(adapter) == {"blocks.0.att.time_state", "blocks.1.att.time_state"}
+    assert all(t.dtype == torch.float32 and t.abs().max() > 0 for t in adapter.values())
+    idx = torch.tensor([[5, 17, 200, 3]])
+    with torch.no_grad():
+        base = RWKV6.from_checkpoint(assets["base"], wkv_backend="torch")(idx)
+        tuned = RWKV6.from_checkpoint(assets["base"], adapter=proj / "adapter-final.safetensors",
+                                      wkv_backend="torch")(idx)
+    assert (tuned - base).abs().max() > 1e-4
+
+
+@pytest.mark.slow
 def test_mid_epoch_states_resume_bit_identically(assets: dict[str, Path], tmp_path: Path) -> None:
     """--save_every_steps writes states inside an epoch; a run killed right after one resumes from that exact
     sample and ends with the uninterrupted run's adapter, bit for bit, and the same metrics rows."""
