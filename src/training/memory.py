@@ -1,33 +1,35 @@
 """Per-GPU peak-memory estimate of a training run, before anything is loaded: pure functions of the model sizes
-(`RWKV6Config`), the run's settings (`TrainConfig`) and the world size, returning a `MemoryEstimate` whose rows
-add up to the peak (`MemoryEstimate.table()` prints them). `python train.py ... --dry_run` prints it.
+(`RWKV6Config`), the run's settings (`TrainConfig`) and the world size, returning a `MemoryEstimate` (its
+`table()` is what `python train.py ... --dry_run` prints).
 
-What is counted, per rank:
+The components, per rank:
 - weights: the module's parameters. `--strategy auto/ddp`: frozen base in the --precision dtype (fp32 for
   --peft none), trainable tensors fp32. DeepSpeed: every parameter in the --precision dtype (the bf16 module
-  copy), partitioned over the ranks under ZeRO-3 (and moved to host RAM by ZeRO-3 offload). An optional quantised
-  base (`quant` "int8" | "nf4") holds the frozen projection weights at 1 byte + an fp32 scale per output row, or
-  0.5 byte + an fp32 absmax per 64 weights.
+  copy), partitioned over the ranks under ZeRO-3 (and moved to host RAM by ZeRO-3 offload). A quantised base
+  (--quant, or `quant`: "int8" | "nf4") holds the frozen projection weights at 1 byte + an fp32 scale per output
+  row, or 0.5 byte + an fp32 absmax per 64 weights.
 - gradients: fp32 for auto/ddp (plus DDP's bucket copies with several ranks); under DeepSpeed the fp32
   accumulation buffer (ZeRO-1 with bf16) or the fp32 gradient partition (ZeRO-2/3).
 - optimizer states: AdamW's two fp32 moments; DeepSpeed adds the fp32 master copy; ZeRO-1/2/3 partition all
   three over the ranks; offload moves them to host RAM.
 - framework buffers: DeepSpeed's gradient reduction buckets (Lightning's reduce_bucket_size 2e8 elements, double
   buffered with overlap_comm under ZeRO-1/2).
-- activations: the tensors autograd saves for backward, per layer and token, counted tensor by tensor from the
-  forward of src/rwkv6.py (see `_layer_bytes_per_token`); with --grad_cp 1 only each block's input is kept and
-  one block is recomputed at a time; --chunk_ctx keeps the recurrent state at chunk boundaries and recomputes one
-  chunk at a time. The WKV operator's own saved tensors depend on the backend (the chunked torch backend saves
-  ~30 fp32 values per channel and token, the CUDA kernel its four bf16 inputs).
-- logits: what the head and the loss save (the logits for L2Wrap, the fp32 log-softmax), B·T·V each, or
-  B·head_chunk·V with --head_chunk.
-- WKV state: the (B, H, N, N) fp32 state of every layer (and of every chunk boundary with --chunk_ctx).
-- backward transient: the largest short-lived allocation of backward: the gradient of the logits (fp32, with
-  its casts), or one layer's gradients, or a dense copy of one quantised / rebuilt (Bone-col) weight.
+- activations: the tensors autograd saves for backward, counted tensor by tensor from the forward of
+  src/rwkv6.py per block and token (`_layer_bytes_per_token`; the WKV operator's own by backend: the chunked
+  torch backend keeps ~30 fp32 values per channel and token, the CUDA kernel its four bf16 inputs); with
+  --grad_cp 1 only each block's input, and one block recomputed at a time ("block recompute"); with --chunk_ctx
+  one chunk's, plus the states at every chunk boundary ("WKV state").
+- logits: what the head and the loss save (the fp32 log-softmax, the logits for L2Wrap), B·T·V each or
+  B·head_chunk·V with --head_chunk; "logits gradient": the two fp32 gradients formed in the loss backward.
+- block backward: the gradients formed inside one block's backward; dense weight copy: a dequantised (or Bone-col
+  rebuilt) projection weight.
 
-The estimate is compared with measured peaks in tests/training/test_memory.py (CPU, tiny models, fp32 and bf16)
-and on a GPU by the GPU check's train and deepspeed sections (torch.cuda.max_memory_allocated).
-The CUDA context (~0.5 GiB) and the caching allocator's slack are not in the peak; `device_total` adds them.
+The peak is the larger of two moments of backward: the loss backward (weights, states, every saved tensor, the
+logits and their gradient) and a block's backward (saved tensors, gradients, the block's own workspace). The
+estimate is compared with measured peaks in tests/training/test_memory.py (CPU, tiny models, fp32 and bf16:
+saved tensors within 2%, step peaks within 10%) and on a GPU by the GPU check's train and deepspeed sections
+(torch.cuda.max_memory_allocated). The CUDA context (~0.5 GiB) and the caching allocator's slack are not in the
+peak; `device_total` adds them.
 """
 from __future__ import annotations
 
