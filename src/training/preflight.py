@@ -21,7 +21,15 @@ from src.config import TrainConfig
 from src.errors import ConfigError, RWKVBoneError
 from src.rwkv6 import RWKV6Config
 from src.training.cuda_env import find_cuda_home
-from src.training.memory import PROCESS_RAM, GiB, MemoryEstimate, count_parameters, estimate_memory, gib
+from src.training.memory import (
+    PROCESS_RAM,
+    GiB,
+    MemoryEstimate,
+    count_parameters,
+    estimate_memory,
+    gib,
+    resolved_backend,
+)
 
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: A100, RTX 30xx and newer; V100 (7.0) and T4 (7.5) have no bf16
 
@@ -537,7 +545,7 @@ def preflight(cfg: TrainConfig, facts: MachineFacts, *, build: bool = True, quan
     except RWKVBoneError as e:
         unreadable = e
     hardware_ok = not any(f.severity == "error" for f in findings)
-    backend = "torch"
+    backend = resolved_backend(cfg, training_on_gpu(cfg, facts))
     if "no_cuda" not in codes_of(findings):  # without a GPU, what the GPU backends lack is beside the point
         wkv_findings, backend = check_wkv(cfg, facts, model.head_size if model else 64,
                                           build=build and hardware_ok and unreadable is None)
