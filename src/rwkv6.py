@@ -155,7 +155,7 @@ class TimeMix(nn.Module):
             self.time_faaaa, wkv_state, backend=self.cfg.wkv_backend,
         )
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), x[:, -1], wkv_state
+        return self.output(y * g), x[:, -1].clone(), wkv_state  # a copy: a view would keep x (B, T, C) alive
 
 
 class ChannelMix(nn.Module):
@@ -173,7 +173,7 @@ class ChannelMix(nn.Module):
     def forward(self, x: Tensor, x_prev: Tensor | None) -> tuple[Tensor, Tensor]:
         xx = token_shift(x, x_prev) - x  # (B, T, C)
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2  # (B, T, F)
-        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(x + xx * self.time_maa_r)) * self.value(k), x[:, -1].clone()
 
 
 class Block(nn.Module):

@@ -430,12 +430,11 @@ def estimate_memory(mcfg: RWKV6Config, cfg: TrainConfig, world_size: int | None 
                                 + (" (+ the head's weight gradient)" if counts.trainable_head else ""))
     state = mcfg.n_layer * B * mcfg.n_head * mcfg.head_size ** 2 * 4
     if chunked:
-        # The token-shift states are views x[:, -1] of each block's (B, chunk, C) norm outputs, which they keep
-        # alive whole (measured), beside the (B, H, N, N) fp32 WKV state.
-        per_boundary = mcfg.n_layer * B * (2 * t * mcfg.n_embd * m.stream + mcfg.n_head * mcfg.head_size ** 2 * 4)
+        # Per layer: two (B, C) token-shift states (copies of the last token) and the (B, H, N, N) fp32 WKV state.
+        per_boundary = mcfg.n_layer * B * (2 * mcfg.n_embd * m.stream + mcfg.n_head * mcfg.head_size ** 2 * 4)
         rows["WKV state"] = -(-T // cfg.chunk_ctx) * per_boundary
         notes["WKV state"] = ("states at every chunk boundary: (B, H, N, N) fp32 WKV states and the token-shift "
-                              "states (views that keep each block's (B, chunk, C) norm outputs)")
+                              "states")
     else:
         rows["WKV state"] = state
         notes["WKV state"] = "(B, H, N, N) fp32 per block, alive in the forward only"
