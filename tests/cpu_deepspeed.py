@@ -48,10 +48,21 @@ class _CPUStrategyForMake(CPUSafeDeepSpeedStrategy):
 
 
 def use_cpu_deepspeed() -> None:
-    """From now on, in this process, make_strategy builds the CPU subclass. DeepSpeed's CPU comm backend would
-    JIT-build a shared-memory all-reduce op (minutes); gloo does the collectives instead."""
+    """From now on, in this process, make_strategy builds the CPU subclass, and the preflight treats a DeepSpeed
+    run with --accelerator cpu as the CPU run it is here (for real runs it rightly demands a CUDA GPU).
+    DeepSpeed's CPU comm backend would JIT-build a shared-memory all-reduce op (minutes); gloo does the
+    collectives instead."""
+    import src.training.preflight as preflight
+
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     ds_module.SafeDeepSpeedStrategy = _CPUStrategyForMake  # type: ignore[misc]
+    real_check, real_on_gpu = preflight.check_hardware, preflight.training_on_gpu
+
+    def cpu_run(cfg: TrainConfig) -> bool:
+        return cfg.strategy_spec.deepspeed and cfg.accelerator == "cpu"
+
+    preflight.check_hardware = lambda cfg, facts: [] if cpu_run(cfg) else real_check(cfg, facts)
+    preflight.training_on_gpu = lambda cfg, facts: False if cpu_run(cfg) else real_on_gpu(cfg, facts)
 
 
 def cpu_strategy(stage: int) -> SafeDeepSpeedStrategy:
