@@ -88,7 +88,8 @@ def fit(cfg: TrainConfig, model: RWKV6, base_fp: str, export: Any) -> pl.Trainer
     export_on_rank0(FINAL_TAG, trainer)
     if trainer.is_global_zero:
         if metrics_path(proj).exists():
-            plot_metrics(proj, loss_plot_path(proj))
+            what = cfg.peft if cfg.peft != "none" else "all weights"
+            plot_metrics(proj, loss_plot_path(proj), title=f"{what}: {proj}")
     return trainer
 
 
