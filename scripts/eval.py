@@ -2,6 +2,7 @@
 
     python -m scripts.eval --model BASE.pth [--adapter ADAPTER.safetensors] --problems test.jsonl [--json out.json]
     python -m scripts.eval --model BASE.pth --loss_file val.jsonl            # held-out loss (sft or text jsonl)
+    python -m scripts.eval --model BASE.pth --adapter A.safetensors --quant nf4 --problems test.jsonl  # as trained
     python -m scripts.eval --model BASE.pth --generate "User: hi\\n\\nAssistant:" [--temperature 1.0]
 
 --problems: jsonl of {"prompt", "response"} where the response ends in '#### number' (GSM8K style); the model
@@ -44,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     ap.add_argument("--wkv_backend", default="auto")
+    ap.add_argument("--quant", default=None, choices=("int8", "nf4"),
+                    help="hold the base's projections quantised, as train.py --quant trained the adapter")
     args = ap.parse_args(argv)
     try:
         torch.manual_seed(args.seed)
-        model = RWKV6.from_checkpoint(args.model, adapter=args.adapter, wkv_backend=args.wkv_backend).eval()
+        model = RWKV6.from_checkpoint(args.model, adapter=args.adapter, quant=args.quant,
+                                      wkv_backend=args.wkv_backend).eval()
         tokenizer = WorldTokenizer()
         results: dict[str, object] = {"model": args.model, "adapter": args.adapter}
         if args.generate is not None:

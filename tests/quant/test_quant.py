@@ -299,3 +299,24 @@ def test_merge_bone_cli_quant_merges_onto_the_dequantised_base(ckpt: Path, tmp_p
     a, b = load_tensors(tmp_path / "merged_None.safetensors"), load_tensors(tmp_path / "merged_nf4.safetensors")
     assert not torch.equal(a[key], b[key])  # the two modes differ, so the test can fail
     assert merge_bone.main(["--base_model", str(ckpt), "--output", str(tmp_path / "x.pth"), "--quant", "nf4"]) == 2
+
+
+def test_eval_script_loads_the_base_quantised(tmp_path: Path) -> None:
+    """scripts/eval.py --quant scores a model as train.py --quant trained it: its held-out loss equals that of
+    RWKV6.from_checkpoint(quant=...) and differs from the dense base's."""
+    from scripts import eval as eval_script
+    from src.evaluation.evaluate import held_out_loss
+
+    path = tmp_path / "base.safetensors"
+    save_tensors(path, tiny_state_dict(tiny_config(n_layer=1, n_embd=128, vocab_size=65536), noise=0.5))
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Tom has {i} apples and {i + 3} pears."}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(path), "--loss_file", str(data), "--ctx_len", "16", "--wkv_backend", "torch"]
+    assert eval_script.main([*argv, "--quant", "nf4", "--json", str(out)]) == 0
+    loss = json.loads(out.read_text())["loss"]
+    quantised = RWKV6.from_checkpoint(path, quant="nf4", wkv_backend="torch").eval()
+    dense = RWKV6.from_checkpoint(path, wkv_backend="torch").eval()
+    assert loss == pytest.approx(held_out_loss(quantised, data, 16, 8), rel=1e-6)
+    assert abs(loss - held_out_loss(dense, data, 16, 8)) > 1e-4
