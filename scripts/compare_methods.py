@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> CompareSettings:
     ap.add_argument("--lr_final_ratio", type=float, default=DEFAULTS.lr_final_ratio,
                     help="final lr / initial lr (cosine)")
     ap.add_argument("--micro_bsz", type=int, default=DEFAULTS.micro_bsz)
-    ap.add_argument("--ctx_len", type=int, default=DEFAULTS.ctx_len, help="the demo problems are at most 53 tokens")
+    ap.add_argument("--ctx_len", type=int, default=DEFAULTS.ctx_len, help="the demo problems are at most 38 tokens")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULTS.seeds))
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the method names")
     ap.add_argument("--val_problems", type=int, default=DEFAULTS.val_problems)
