@@ -62,8 +62,10 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     status = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()
               if line.startswith("| ") and line.count("|") == 5 and not line.startswith("| section")}
     assert status == {"environment": "ok", "build": "skipped", "compare": "ok", "deepspeed": "ok", "train": "ok",
-                      "timing": "ok"}, status
-    assert "Sections that ran: environment, compare, deepspeed, train, timing" in text
+                      "timing": "ok", "quant": "ok"}, status
+    assert "Sections that ran: environment, compare, deepspeed, train, timing, quant" in text
+    for base in ("| bf16 |", "| int8 |", "| nf4 |"):
+        assert base in text
     for method in ("| lora |", "| bone-row |", "| bone-col |"):
         assert method in text
     assert "dstate" in text and "Beside the Bone paper's Table 7" in text

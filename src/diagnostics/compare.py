@@ -54,7 +54,7 @@ class CompareSettings:
     work: str = "runs/compare"
     base: str = str(DEMO_BASE)
     data_dir: str = str(DEMO_DATA)
-    steps: int = 240
+    steps: int = 120
     epochs: int = 3
     b: int = 32
     lr: float = 3e-3

@@ -13,6 +13,8 @@ process of its own).
                (RWKV6-1.6B shapes, ctx 512, batch 1; grad_cp 0 and 1), beside the paper's own numbers and the
                memory estimate of each configuration
   timing       fwd+bwd time of every WKV backend at B=8, T=4096, C=2048 and C=4096 (bf16)
+  quant        Bone-row steps on a bf16 / int8 / nf4 base at RWKV6-7B widths (4 layers), ctx 1024, grad_cp: step
+               time and torch.cuda.max_memory_allocated beside the memory estimate
 
 With `dry_run` every section runs on the CPU at tiny sizes, the torch backend standing in for cuda/fla and
 Lightning's default strategy for DeepSpeed (Lightning runs DeepSpeed only on CUDA); `build` needs CUDA.
@@ -545,7 +547,77 @@ def adapter_problems(adapter: Mapping[str, Any], expected_values: int) -> list[s
     return problems
 
 
+# ----------------------------------------------------------------------------------------------- quant
+QUANT_BASES = ("bf16", "int8", "nf4")
+
+
+def section_quant(ctx: CheckContext) -> SectionResult:
+    """Bone-row (b = 64) training steps on a bf16 / int8 / nf4 base at RWKV6-7B widths (n_embd 4096, vocab 65536;
+    4 of its 32 layers), ctx 1024, batch 1, grad_cp: step time and max_memory_allocated beside the estimate."""
+    import torch
+
+    from src.adapters.config import AdapterConfig
+    from src.adapters.inject import adapter_parameters, inject_adapters
+    from src.checkpoint import save_tensors
+    from src.config import TrainConfig
+    from src.diagnostics.random_model import random_state_dict
+    from src.model import RWKV6, RWKV6Config
+    from src.training.memory import estimate_memory
+
+    if ctx.dry_run:
+        sizes, T, reps, dtype, backend = dict(n_layer=2, n_embd=128, vocab_size=512), 32, 1, torch.float32, "torch"
+    else:
+        need_cuda()
+        sizes, T, reps, dtype, backend = dict(n_layer=4, n_embd=4096, vocab_size=65536), 1024, 3, torch.bfloat16, \
+            "auto"
+    mcfg = RWKV6Config(**sizes)  # type: ignore[arg-type]
+    acfg = AdapterConfig(method="bone", b=64)
+    lines = ["| base | step ms (median) | vs bf16 | max_memory_allocated MiB | estimated peak MiB |",
+             "|---|---:|---:|---:|---:|"]
+    first = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "base.safetensors"
+        save_tensors(path, random_state_dict(mcfg, kind="fast_random", dtype=torch.bfloat16))
+        idx = torch.randint(0, mcfg.vocab_size, (1, T), device=ctx.device)
+        for base in QUANT_BASES:
+            quant = None if base == "bf16" else base
+            model = RWKV6.from_checkpoint(path, dtype=dtype, quant=quant, wkv_backend=backend, grad_cp=True)
+            inject_adapters(model, acfg)
+            model.to(ctx.device).train()
+            params = list(adapter_parameters(model, acfg).values())
+            for t in params:
+                t.data = t.data.float()
+            if ctx.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(reps + 1):
+                _sync(ctx.device)
+                start = time.perf_counter()
+                with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=ctx.device == "cuda"):
+                    loss = model(idx).float().logsumexp(-1).mean()
+                loss.backward()
+                _sync(ctx.device)
+                times.append(time.perf_counter() - start)
+            ms = statistics.median(times[1:]) * 1e3
+            first = first or ms
+            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if ctx.device == "cuda" else "n/a (CPU)"
+            cfg = TrainConfig(**sizes, dry_run=True, ctx_len=T, micro_bsz=1, grad_cp=1, l2wrap=0, peft="bone",
+                              bone_b=64, quant=quant or "none",
+                              precision="bf16" if ctx.device == "cuda" else "fp32")  # type: ignore[arg-type]
+            est = estimate_memory(mcfg, cfg, 1, on_gpu=ctx.device == "cuda").peak / 2**20
+            lines.append(f"| {base} | {ms:.1f} | {ms / first:.2f}x | {peak} | {est:.0f} |")
+            del model, params, loss
+            if ctx.device == "cuda":
+                torch.cuda.empty_cache()
+    math = "bf16 autocast" if ctx.device == "cuda" else "fp32 (CPU stand-in)"
+    note = (f"{mcfg.n_layer} layers x {mcfg.n_embd}, vocab {mcfg.vocab_size}, ctx {T}, batch 1, grad_cp, {math}, "
+            "fp32 adapters; forward + backward without an optimizer step. The 7B headline "
+            "(`train.py --n_layer 32 --n_embd 4096 --vocab_size 65536 --quant nf4 --bone_b 64 --ctx_len 1024 "
+            "--grad_cp 1 --dry_run`) is the estimate these rows check.")
+    return SectionResult("ok", f"Bone-row on {', '.join(QUANT_BASES)} bases", note + "\n\n" + "\n".join(lines))
+
+
 SECTION_FUNCS: dict[str, Callable[[CheckContext], SectionResult]] = {
     "environment": section_environment, "build": section_build, "compare": section_compare,
-    "deepspeed": section_deepspeed, "train": section_train, "timing": section_timing,
+    "deepspeed": section_deepspeed, "train": section_train, "timing": section_timing, "quant": section_quant,
 }
