@@ -39,19 +39,6 @@ fi
 
 # ---------------------------------------------------------------------------------------------- CPU demo
 DEMO=${DEMO_DIR:-runs/demo}
-export WANDB_MODE=${WANDB_MODE:-disabled}
-start=$(date +%s)
-echo "== demo: data (cached in $DEMO/data)"
-if [[ ! -f "$DEMO/data/math_test.jsonl" ]]; then
-    "$PYTHON" -m scripts.make_demo_data --out "$DEMO/data"
-fi
-
-BASE="$DEMO/base/model-final.safetensors"
-echo "== demo: tiny RWKV6 base trained from scratch on the story corpus (cached in $DEMO/base)"
-if [[ ! -f "$BASE" ]]; then
-    "$PYTHON" train.py --config configs/demo_pretrain.yaml --data_file "$DEMO/data/corpus.jsonl" --proj_dir "$DEMO/base"
-fi
-
 PEFT=${PEFT:-bone}
 QUANT=${QUANT:-}
 case "$PEFT" in
@@ -66,6 +53,19 @@ case "$QUANT" in
     *) echo "error: QUANT=$QUANT: the demo runs QUANT=int8 or QUANT=nf4 (or unset: a full-precision base)" >&2
        exit 2 ;;
 esac
+export WANDB_MODE=${WANDB_MODE:-disabled}
+start=$(date +%s)
+echo "== demo: data (cached in $DEMO/data)"
+if [[ ! -f "$DEMO/data/math_test.jsonl" ]]; then
+    "$PYTHON" -m scripts.make_demo_data --out "$DEMO/data"
+fi
+
+BASE="$DEMO/base/model-final.safetensors"
+echo "== demo: tiny RWKV6 base trained from scratch on the story corpus (cached in $DEMO/base)"
+if [[ ! -f "$BASE" ]]; then
+    "$PYTHON" train.py --config configs/demo_pretrain.yaml --data_file "$DEMO/data/corpus.jsonl" --proj_dir "$DEMO/base"
+fi
+
 EVAL=(--loss_file "$DEMO/data/math_test.jsonl" --ctx_len 48 --problems "$DEMO/data/math_test.jsonl"
       --max_new_tokens 24)
 

@@ -142,3 +142,11 @@ def test_sft_rows_fill_the_context() -> None:
     for record in sft_rows(2, min_tokens=576):
         tokens, mask = tokenize_segments(chat_segments(json.loads(record), "row"), WorldTokenizer())
         assert len(tokens) > 576 and mask.sum() > 500
+
+
+@pytest.mark.parametrize(("var", "value"), [("PEFT", "lora"), ("QUANT", "fp8")])
+def test_demo_refuses_an_unknown_variable_before_doing_anything(tmp_path: Path, var: str, value: str) -> None:
+    res = subprocess.run(["bash", "scripts/train_bone.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, var: value, "DEMO_DIR": str(tmp_path / "demo")})
+    assert res.returncode == 2 and f"error: {var}={value}" in res.stderr, res.stderr
+    assert not (tmp_path / "demo").exists() and "== demo" not in res.stdout
