@@ -261,15 +261,21 @@ def test_loading_peak_stays_below_the_bf16_model(tmp_path: Path) -> None:
     assert got["peak_growth"] < 0.6 * bf16_bytes, (got, bf16_bytes)
 
 
+def _saved_nf4_adapter(ckpt: Path, path: Path) -> tuple[RWKV6, AdapterConfig]:
+    """A randomised (trained-like) Bone adapter on the nf4 base, saved to `path`."""
+    cfg = AdapterConfig(method="bone", b=32, quant="nf4")
+    model = RWKV6.from_checkpoint(ckpt, dtype=torch.float32, quant="nf4")
+    _trained_like(model, cfg)
+    save_adapter(model, cfg, path)
+    return model, cfg
+
+
 def test_open_merged_onto_the_dequantised_base(ckpt: Path, tmp_path: Path) -> None:
     from src.adapters.export import open_merged
     from src.checkpoint import load_tensors
 
-    cfg = AdapterConfig(method="bone", b=32, quant="nf4")
-    model = RWKV6.from_checkpoint(ckpt, dtype=torch.float32, quant="nf4")
-    _trained_like(model, cfg)
     path = tmp_path / "adapter.safetensors"
-    save_adapter(model, cfg, path)
+    model, cfg = _saved_nf4_adapter(ckpt, path)
     base = load_tensors(ckpt)
     key = "blocks.1.ffn.key.weight"
     bone = {"bone": adapter_parameters(model, cfg)["blocks.1.ffn.key.bone"].detach()}
@@ -285,11 +291,8 @@ def test_merge_bone_cli_quant_merges_onto_the_dequantised_base(ckpt: Path, tmp_p
     from src.adapters.export import open_merged
     from src.checkpoint import load_tensors
 
-    cfg = AdapterConfig(method="bone", b=32, quant="nf4")
-    model = RWKV6.from_checkpoint(ckpt, dtype=torch.float32, quant="nf4")
-    _trained_like(model, cfg)
     adapter = tmp_path / "adapter.safetensors"
-    save_adapter(model, cfg, adapter)
+    _saved_nf4_adapter(ckpt, adapter)
     key = "blocks.1.ffn.key.weight"
     for extra, quant in (([], None), (["--quant", "nf4"], "nf4")):
         out = tmp_path / f"merged_{quant}.safetensors"
