@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 from src.atomic import atomic_write_text
-from src.diagnostics.cuda_env import cuda_build_env
 from src.diagnostics.gpu_check import DEFAULT_BUDGET, SECTIONS, failed, render_report, run_check
 from src.diagnostics.sections import CheckContext
+from src.training.cuda_env import cuda_build_env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,12 @@ class RWKV6(RWKV6Architecture):
         return model
 
 
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """A checkpoint's {tensor name: shape} without reading its data (the safetensors header, or a memory-mapped
+    .pth). CheckpointError for a missing or unreadable file."""
+    return _LazyTensors(path).shapes
+
+
 class _LazyTensors:
     """A checkpoint's tensors read one at a time: `shapes` {name: shape} up front, `get(name)` a CPU tensor
     (memory-mapped for .pth/.pt, read from the file for .safetensors), checked to be finite floating point."""

@@ -26,3 +26,14 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The trailing mean of each value and the (up to) `window - 1` before it."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

@@ -56,13 +56,12 @@ def use_cpu_deepspeed() -> None:
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     ds_module.SafeDeepSpeedStrategy = _CPUStrategyForMake  # type: ignore[misc]
-    real_check, real_on_gpu = preflight.check_hardware, preflight.training_on_gpu
+    real_check = preflight.check_hardware
 
     def cpu_run(cfg: TrainConfig) -> bool:
         return cfg.strategy_spec.deepspeed and cfg.accelerator == "cpu"
 
     preflight.check_hardware = lambda cfg, facts: [] if cpu_run(cfg) else real_check(cfg, facts)
-    preflight.training_on_gpu = lambda cfg, facts: False if cpu_run(cfg) else real_on_gpu(cfg, facts)
 
 
 def cpu_strategy(stage: int) -> SafeDeepSpeedStrategy:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.diagnostics.cuda_env import cuda_build_env, find_cuda_home
 from src.diagnostics.sections import adapter_problems, paper_table7, relative_errors, sft_rows
+from src.training.cuda_env import cuda_build_env, find_cuda_home
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_LABELS = ["LoRA r=16", "PiSSA r=16", "Bone-row b=32", "Bone-col b=32", "Bone-unconstrained b=32",

@@ -99,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="checkpoint dtype")
     parser.add_argument("--keep", default=None, help="folder to work in and keep (default: a temporary one)")
     args = parser.parse_args(argv)
-    work = Path(args.keep or tempfile.mkdtemp(prefix="export_bench."))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+        return bench(args, Path(args.keep))
+    with tempfile.TemporaryDirectory(prefix="export_bench.") as tmp:
+        return bench(args, Path(tmp))
+
+
+def bench(args: argparse.Namespace, work: Path) -> int:
+    """Write a random checkpoint and adapter into `work`, export them every way and print the table."""
     cfg = RWKV6Config(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     sd = random_state_dict(cfg, seed=0, dtype=dtype, kind="fast_random")

@@ -188,7 +188,8 @@ def open_merged(base_path: str | Path, adapter_path: str | Path | None = None, *
     as `blocks.N.att.time_state` (fp32, the layout the `rwkv` package reads).
 
     `quant` ("int8"/"nf4"): merge onto the dequantised base deq(Q(W)), the weights an adapter trained with
-    --quant saw (src.quant.quantize_dequantize), instead of the original full-precision W (the default).
+    --quant saw (src.quant.quantize_dequantize), instead of the original full-precision W (the default). It must
+    be the quantisation the adapter file records (ConfigError otherwise).
 
     Raises AdapterError for an adapter that does not fit the base, CheckpointError for an unreadable base."""
     quant = check_quant(quant)
@@ -202,6 +203,10 @@ def open_merged(base_path: str | Path, adapter_path: str | Path | None = None, *
                                 computed=frozenset(), cfg=None, changed=[])
     adapter, cfg, meta = load_adapter_file(adapter_path)
     check_adapter_fits(adapter, cfg, meta, base.shapes, str(adapter_path))
+    if quant is not None and cfg.quant != quant:
+        fix = "drop --quant" if cfg.quant == "none" else f"use --quant {cfg.quant}"
+        raise ConfigError(f"{adapter_path} was trained on a base quantised as {cfg.quant!r}, not {quant!r}: --quant "
+                          f"{quant} would merge it onto weights it never saw. Fix: {fix}.")
     states = {k for k in adapter if k.endswith(f".{ADDED_SUFFIX}")}
     removed: set[str] = set()
     shapes = dict(base.shapes)
@@ -268,12 +273,13 @@ def write_state_only(adapter_path: Path, output_path: Path) -> MergeSummary:
 
 
 def merge_checkpoint_file(base_path: str | Path, adapter_path: str | Path, output_path: str | Path, *,
-                          unmerge: bool = False, state_only: bool = False,
-                          dtype: torch.dtype | None = None) -> MergeSummary:
+                          unmerge: bool = False, state_only: bool = False, dtype: torch.dtype | None = None,
+                          quant: str | None = None) -> MergeSummary:
     """Write base + adapter (or, with unmerge, the base recovered from a merged checkpoint) to output_path
     (.safetensors or .pth by extension), a standard x060 checkpoint without adapter keys, its tensors in `dtype`
     (None: the base's dtypes; a trained initial state stays fp32, the layout the `rwkv` package reads).
     `state_only` writes a file holding only the trained initial state, for engines that mount states separately.
+    `quant`: merge onto the dequantised base the adapter was trained against (see `open_merged`).
 
     Raises ConfigError for an output path equal to an input or with an unknown extension, AdapterError for an
     adapter that does not fit the base, CheckpointError for an unreadable base."""
@@ -282,9 +288,10 @@ def merge_checkpoint_file(base_path: str | Path, adapter_path: str | Path, outpu
     if output_path.suffix not in (".safetensors", ".pth"):
         raise ConfigError(f"output {output_path}: use a .pth or .safetensors file name.")
     if state_only:
-        if unmerge:
-            raise ConfigError("--state_only writes the trained initial state; it cannot be combined with --unmerge.")
+        if unmerge or quant is not None:
+            raise ConfigError("--state_only writes the trained initial state; it cannot be combined with --unmerge "
+                              "or --quant.")
         return write_state_only(adapter_path, output_path)
-    merged = open_merged(base_path, adapter_path, unmerge=unmerge)
+    merged = open_merged(base_path, adapter_path, unmerge=unmerge, quant=quant)
     write_checkpoint(merged.cast(dtype, keep=merged.states), output_path)
     return MergeSummary(cfg=merged.cfg, changed=merged.changed, output=output_path)

@@ -404,7 +404,7 @@ def plot_curves(methods: list[Method], results: list[RunResult], base_val: float
     step 0) in `out`, one colour per method."""
     from matplotlib import colormaps
 
-    from src.plotting import new_figure, save_figure
+    from src.plotting import moving_average, new_figure, save_figure
 
     colors = colormaps["tab10"]
     fig, (zoom, full) = new_figure(ncols=2, figsize=(13, 4.8))
@@ -415,8 +415,7 @@ def plot_curves(methods: list[Method], results: list[RunResult], base_val: float
         n_zoom = max(10, len(steps) // 5)
         zoom.plot(steps[:n_zoom], loss[:n_zoom], color=colors(i), lw=1.4, label=m.label)
         window = max(1, len(steps) // 25)
-        smooth = [statistics.mean(loss[max(0, j - window + 1): j + 1]) for j in range(len(loss))]
-        full.plot(steps, smooth, color=colors(i), lw=1.2, label=m.label)
+        full.plot(steps, moving_average(loss, window), color=colors(i), lw=1.2, label=m.label)
     _loss_axes(zoom, "training loss, first steps")
     _loss_axes(full, "training loss, whole run (moving average)")
     full.legend(fontsize=8)

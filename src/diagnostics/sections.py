@@ -306,7 +306,6 @@ def section_train(ctx: CheckContext) -> SectionResult:
                + (bench.ratio_table(results, memory) if results else "(no results)"))
     if results:
         details += "\n\n" + paper_table7(results, memory[-1])  # CUDA: reserved, the nearest to nvidia-smi
-    if results:
         details += "\n\n" + train_memory_comparison(base, results, ctx.dry_run)
     goals = bench.goal_lines(results, memory[0][0])
     if goals:
@@ -572,8 +571,8 @@ def section_quant(ctx: CheckContext) -> SectionResult:
             "auto"
     mcfg = RWKV6Config(**sizes)  # type: ignore[arg-type]
     acfg = AdapterConfig(method="bone", b=64)
-    lines = ["| base | step ms (median) | vs bf16 | max_memory_allocated MiB | estimated peak MiB |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| base | step ms (median) | vs bf16 |", "|---|---:|---:|"]
+    memory_rows: list[tuple[str, Any, int | None]] = []
     first = None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "base.safetensors"
@@ -600,12 +599,12 @@ def section_quant(ctx: CheckContext) -> SectionResult:
                 times.append(time.perf_counter() - start)
             ms = statistics.median(times[1:]) * 1e3
             first = first or ms
-            peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if ctx.device == "cuda" else "n/a (CPU)"
+            peak = torch.cuda.max_memory_allocated() if ctx.device == "cuda" else None
             cfg = TrainConfig(**sizes, dry_run=True, ctx_len=T, micro_bsz=1, grad_cp=1, l2wrap=0, peft="bone",
                               bone_b=64, quant=quant or "none",
                               precision="bf16" if ctx.device == "cuda" else "fp32")  # type: ignore[arg-type]
-            est = estimate_memory(mcfg, cfg, 1, on_gpu=ctx.device == "cuda").peak / 2**20
-            lines.append(f"| {base} | {ms:.1f} | {ms / first:.2f}x | {peak} | {est:.0f} |")
+            memory_rows.append((base, estimate_memory(mcfg, cfg, 1, on_gpu=ctx.device == "cuda"), peak))
+            lines.append(f"| {base} | {ms:.1f} | {ms / first:.2f}x |")
             del model, params, loss
             if ctx.device == "cuda":
                 torch.cuda.empty_cache()
@@ -614,7 +613,8 @@ def section_quant(ctx: CheckContext) -> SectionResult:
             "fp32 adapters; forward + backward without an optimizer step. The 7B headline "
             "(`train.py --n_layer 32 --n_embd 4096 --vocab_size 65536 --quant nf4 --bone_b 64 --ctx_len 1024 "
             "--grad_cp 1 --dry_run`) is the estimate these rows check.")
-    return SectionResult("ok", f"Bone-row on {', '.join(QUANT_BASES)} bases", note + "\n\n" + "\n".join(lines))
+    return SectionResult("ok", f"Bone-row on {', '.join(QUANT_BASES)} bases",
+                         note + "\n\n" + "\n".join(lines) + "\n\n" + memory_table(memory_rows, ctx.dry_run))
 
 
 SECTION_FUNCS: dict[str, Callable[[CheckContext], SectionResult]] = {

@@ -35,23 +35,16 @@ def export_model(base_path: str | Path, adapter_path: str | Path | None, output_
     fmt = format_for(output_path, fmt)
     dtype = dtype_for(fmt, dtype)
     check_output_path(output_path, {"--base_model": base_path, "--bone (adapter)": adapter})
-    if quant is not None and (adapter is None or unmerge or state_only):
-        raise ConfigError("--quant merges an adapter onto the dequantised base it was trained against: it needs "
-                          "--bone and works without --unmerge and --state_only.")
-    if quant is not None and fmt in ("pth", "safetensors"):
-        merged = open_merged(base_path, adapter, quant=quant)
-        write_checkpoint(merged.cast(TORCH_DTYPES.get(dtype or ""), keep=merged.states), output_path)
-        return ExportSummary(cfg=merged.cfg, changed=merged.changed, output=output_path, format=fmt, dtype=dtype)
     if fmt in ("pth", "safetensors"):
         if adapter is None:
-            if unmerge or state_only:
-                raise ConfigError("--unmerge and --state_only need the adapter (--bone).")
+            if unmerge or state_only or quant is not None:
+                raise ConfigError("--unmerge, --state_only and --quant need the adapter (--bone).")
             merged = open_merged(base_path)
             model_sizes(merged.shapes)
             write_checkpoint(merged.cast(TORCH_DTYPES.get(dtype or ""), keep=merged.states), output_path)
             return ExportSummary(cfg=None, changed=[], output=output_path, format=fmt, dtype=dtype)
         summary = merge_checkpoint_file(base_path, adapter, output_path, unmerge=unmerge, state_only=state_only,
-                                        dtype=TORCH_DTYPES.get(dtype or ""))
+                                        dtype=TORCH_DTYPES.get(dtype or ""), quant=quant)
         return ExportSummary(cfg=summary.cfg, changed=summary.changed, output=output_path, format=fmt, dtype=dtype)
     if state_only:
         raise ConfigError(f"--state_only writes a .pth or .safetensors file, not {fmt}.")

@@ -51,7 +51,7 @@ ALLOCATOR_SLACK = 0.10  # the caching allocator reserves about this much more th
 PROCESS_RAM = 2 * GiB  # host RAM of one training process before any tensor (Python, torch, CUDA libraries)
 WORKSPACE = 0.25  # gradients formed inside one block's backward, as a share of its saved tensors (CPU: 12-18%)
 WKV_CHUNK = 32  # the torch backend's chunk length (src/wkv.py _MAX_CHUNK)
-_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of a value per --precision
 _PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output", "ffn.key", "ffn.receptance",
                 "ffn.value")
 
@@ -171,7 +171,7 @@ class _Mode:
 
 
 def _mode(cfg: TrainConfig, on_gpu: bool) -> _Mode:
-    half = _BYTES[cfg.precision]
+    half = PRECISION_BYTES[cfg.precision]
     if cfg.precision == "fp32":
         return _Mode(4, 4, 4, 4)
     if cfg.strategy_spec.deepspeed:
@@ -343,7 +343,7 @@ def estimate_memory(mcfg: RWKV6Config, cfg: TrainConfig, world_size: int | None 
     counts = count_parameters(mcfg, adapter)
     m = _mode(cfg, on_gpu)
     backend = wkv_backend or resolved_backend(cfg, on_gpu)
-    prec = _BYTES[cfg.precision]
+    prec = PRECISION_BYTES[cfg.precision]
     P = counts.trainable
     rows: dict[str, float] = {}
     notes: dict[str, str] = {}
@@ -504,7 +504,7 @@ def _insert_after(rows: dict[str, float], after: str, name: str, value: float) -
 
 def weights_in_load_dtype(counts: ParamCounts, cfg: TrainConfig, quant: str | None) -> float:
     """Bytes of the model as train.py builds it on the CPU before the strategy moves it."""
-    base = 4 if cfg.adapter.method == "none" else _BYTES[cfg.precision]
+    base = 4 if cfg.adapter.method == "none" else PRECISION_BYTES[cfg.precision]
     proj = quant_bytes(quant, counts.frozen_projection, counts.projection_rows) if quant \
         else counts.frozen_projection * base
     return proj + counts.frozen_other * base + counts.trainable * 4

@@ -3,22 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.plotting import new_figure, save_figure
+from src.plotting import moving_average, new_figure, save_figure
 from src.run_files import read_loss_curves
 
 SMOOTH_FROM = 40  # with more train points than this, a moving average is drawn over the faint raw curve
 LOG_FROM = 4.0  # a loss range wider than this factor (a from-scratch run starts near ln V) is drawn on a log axis
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """The mean of each value and the (up to) `window - 1` before it."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def plot_metrics(proj_dir: Path, png_path: Path, title: str = "") -> None:

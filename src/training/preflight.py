@@ -22,6 +22,7 @@ from src.errors import ConfigError, RWKVBoneError
 from src.rwkv6 import RWKV6Config
 from src.training.cuda_env import find_cuda_home
 from src.training.memory import (
+    PRECISION_BYTES,
     PROCESS_RAM,
     GiB,
     MemoryEstimate,
@@ -423,31 +424,20 @@ def run_files_bytes(cfg: TrainConfig, mcfg: RWKV6Config) -> tuple[int, str]:
     the module's copy), and the adapter (or model) files of every --epoch_save epoch and the end."""
     counts = count_parameters(mcfg, cfg.adapter)
     P = counts.trainable
-    per_param = (_precision_bytes(cfg) + 12) if cfg.strategy_spec.deepspeed else 4 + 8
+    per_param = (PRECISION_BYTES[cfg.precision] + 12) if cfg.strategy_spec.deepspeed else 4 + 8
     state = P * per_param
     states = cfg.keep_last + 1
     n_files = cfg.epoch_count // cfg.epoch_save + 1
     if cfg.peft == "none":
-        file = (counts.frozen_projection + counts.frozen_other + P) * _precision_bytes(cfg)
+        file = (counts.frozen_projection + counts.frozen_other + P) * PRECISION_BYTES[cfg.precision]
         kind = "model files"
     else:
-        file = P * 4 + (_adapter_buffers(mcfg, cfg) * 4)
+        file = P * 4 * (2 if cfg.peft == "pissa" else 1)  # PiSSA also saves its frozen A0, B0 (shapes of A, B)
         kind = "adapter files"
     total = states * state + n_files * file + 16 * 2**20  # metrics, config, plot
     what = (f"{states} training states of {gib(state)} (--keep_last {cfg.keep_last}, one more while a new one is "
             f"written) and {n_files} {kind} of {gib(file)}")
     return total, what
-
-
-def _precision_bytes(cfg: TrainConfig) -> int:
-    return 4 if cfg.precision == "fp32" else 2
-
-
-def _adapter_buffers(mcfg: RWKV6Config, cfg: TrainConfig) -> int:
-    """Frozen adapter tensors saved with the adapter (PiSSA's A0, B0)."""
-    if cfg.peft != "pissa":
-        return 0
-    return count_parameters(mcfg, cfg.adapter).trainable  # A0, B0 have the shapes of A, B
 
 
 def check_disk(cfg: TrainConfig, mcfg: RWKV6Config, facts: MachineFacts) -> list[Finding]:
@@ -512,23 +502,17 @@ def read_model_config(cfg: TrainConfig) -> tuple[RWKV6Config, int | None]:
     if not cfg.load_model:
         return RWKV6Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size), None  # type: ignore[arg-type]
     from src.checkpoint import load_tensors
+    from src.model import checkpoint_shapes
 
     path = Path(cfg.load_model)
-    shapes = None
-    if path.suffix == ".safetensors" and path.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
-        except Exception:  # the loader below names what is wrong with the file
-            shapes = None
-    if shapes is None:
-        try:
-            shapes = load_tensors(path, mmap=True)
-        except RWKVBoneError:  # e.g. a legacy (non-zip) .pth cannot be memory-mapped: read it, or say why not
-            shapes = load_tensors(path)
-    mcfg = RWKV6Config.from_state_dict(shapes)
+    try:
+        shapes = checkpoint_shapes(path)
+    except RWKVBoneError:
+        if path.suffix == ".safetensors":
+            raise
+        # e.g. a legacy (non-zip) .pth cannot be memory-mapped: read it, or say why not
+        shapes = {k: tuple(v.shape) for k, v in load_tensors(path).items()}
+    mcfg = RWKV6Config.from_state_dict({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     return mcfg, path.stat().st_size
 
 

@@ -301,6 +301,9 @@ def test_merge_bone_cli_quant_merges_onto_the_dequantised_base(ckpt: Path, tmp_p
         torch.testing.assert_close(load_tensors(out)[key].float(), expected.float())
     a, b = load_tensors(tmp_path / "merged_None.safetensors"), load_tensors(tmp_path / "merged_nf4.safetensors")
     assert not torch.equal(a[key], b[key])  # the two modes differ, so the test can fail
+    assert merge_bone.main(["--base_model", str(ckpt), "--bone", str(adapter), "--output",
+                            str(tmp_path / "wrong.safetensors"), "--quant", "int8"]) == 2  # trained on nf4
+    assert not (tmp_path / "wrong.safetensors").exists()
     assert merge_bone.main(["--base_model", str(ckpt), "--output", str(tmp_path / "x.pth"), "--quant", "nf4"]) == 2
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from src.plotting import moving_average
 from src.run_files import metrics_path
 from src.training import plot
 
@@ -47,4 +48,4 @@ def test_short_fine_tune_curve_stays_linear_and_raw(tmp_path: Path, monkeypatch:
 
 
 def test_moving_average() -> None:
-    assert plot.moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
